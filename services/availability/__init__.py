@@ -1,0 +1,1 @@
+"""Read side for drivers and the city: search, lot detail, streams, history, city API."""

@@ -1,0 +1,536 @@
+"""The read path: answers from Redis, falls back to PostgreSQL, and refills Redis itself.
+
+Redis (services.common.livestate) holds ``lot:{id}`` live counts, ``lotmeta:{id}`` registry
+summaries, the ``lots:geo`` index and ``reserved:{id}`` counts. Two things make a Redis answer
+trustworthy:
+
+- a lot's detail needs its ``lot:{id}`` and ``lotmeta:{id}``; if either is missing the lot is
+  read from PostgreSQL and written back (version-checked, so it cannot undo a newer write);
+- a search needs the whole geo index, which only the marker ``lots:geo:complete`` vouches for:
+  a full refill sets it after writing every lot, and a flush removes it with everything else.
+  Without it, searches run in PostgreSQL (bounding box + haversine) and a refill starts.
+
+When Redis fails, this process serves from PostgreSQL for ``redis_retry_after_s`` before trying
+again, and refills Redis once it answers again (it may have restarted empty or missed writes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.availability import repository
+from services.availability.domain import (
+    GEO_MARGIN_M,
+    LotData,
+    Thresholds,
+    bounding_box,
+    haversine_m,
+    lot_view,
+    matches,
+    parse_time,
+)
+from services.availability.settings import ReadPathSettings
+from services.common import livestate, reserved
+from services.common.db import Database
+from services.common.redis import connect
+
+log = logging.getLogger("parking.availability")
+
+GEO_COMPLETE_KEY = "lots:geo:complete"
+REFILL_LOCK_KEY = "lots:geo:refilling"
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
+
+
+# KEYS: per lot its ``lot:``, ``lotmeta:`` and ``reserved:`` keys.  ARGV: lease token, lease ms.
+# Returns per lot: the live hash (flat), the meta JSON (or nil) and the reserved hash (flat), or 0
+# where the reserved counts were not cached: then this call took the fill lease on them
+# (services.common.reserved), in the same round trip.
+_READ = """
+local out = {}
+for i = 1, #KEYS, 3 do
+  local state = redis.call('HGETALL', KEYS[i])
+  local meta = redis.call('GET', KEYS[i + 1])
+  local held = redis.call('HGETALL', KEYS[i + 2])
+  local filled = false
+  for j = 1, #held, 2 do
+    if held[j] == '_ok' then filled = true end
+  end
+  if not filled and #state > 0 then
+    redis.call('HSET', KEYS[i + 2], '_lease', ARGV[1])
+    redis.call('PEXPIRE', KEYS[i + 2], tonumber(ARGV[2]))
+    held = 0
+  end
+  out[#out + 1] = state
+  out[#out + 1] = meta
+  out[#out + 1] = held
+end
+return out
+"""
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+# A search source fetches the ``k`` nearest candidates (from ``min_d`` metres on, where it can)
+# and returns their approximate distances in order, evaluating new ones into ``seen`` (id ->
+# (exact distance, lot, reserved counts)). Fewer than ``k`` means every candidate was fetched.
+Seen = dict[str, tuple[float, LotData, dict[str, int]]]
+Source = Callable[[int, float, Seen], list[float]]
+
+
+class CacheIncomplete(Exception):
+    """Redis lacks part of what an answer needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class NearbyQuery:
+    lat: float
+    lon: float
+    radius_m: float
+    space_type: str | None
+    min_free: int
+    limit: int
+    after: tuple[float, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_after: tuple[float, str] | None
+
+
+def lot_from_redis(lot_id: str, meta_json: str, state: Sequence[str]) -> LotData:
+    """A lot from its ``lotmeta:`` JSON and its ``lot:`` hash as a flat field/value list."""
+    meta = orjson.loads(meta_json)
+    occupied: dict[str, int] = {}
+    capacity: dict[str, int] = {}
+    version, updated_at = 0, None
+    for n in range(0, len(state), 2):
+        field, value = state[n], state[n + 1]
+        if field[:2] == "o:":
+            occupied[field[2:]] = int(value)
+        elif field[:2] == "c:":
+            capacity[field[2:]] = int(value)
+        elif field == "v":
+            version = int(value)
+        elif field == "u":
+            updated_at = parse_time(value)
+    location = meta["location"]
+    return LotData(
+        id=lot_id,
+        name=meta["name"],
+        lat=location["lat"],
+        lon=location["lon"],
+        district=meta["district"],
+        address=meta.get("address"),
+        opening_hours=meta.get("opening_hours") or "24/7",
+        timezone=meta.get("timezone") or "Asia/Shanghai",
+        tariff=meta.get("tariff"),
+        capacity=capacity,
+        occupied=occupied,
+        version=version,
+        updated_at=updated_at,
+    )
+
+
+def meta_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The registry summary the ingestion service keeps in ``lotmeta:{id}`` (same fields)."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "location": {"lat": row["lat"], "lon": row["lon"]},
+        "district": row["district"],
+        "address": row["address"],
+        "opening_hours": row["opening_hours"],
+        "timezone": row["timezone"],
+        "capacity": row["registry_capacity"],
+        "reservable": row["reservable"],
+        "tariff": row["tariff"],
+    }
+
+
+def write_lots(client: redis.Redis, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write registry summaries, geo positions and live states of ``rows`` to Redis."""
+    if not rows:
+        return
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        pipe.set(livestate.meta_key(row["id"]), orjson.dumps(meta_of(row)))
+        pipe.geoadd(livestate.GEO_KEY, (row["lon"], row["lat"], row["id"]))
+    pipe.execute()
+    states = []
+    for row in rows:
+        lot = repository.lot_data(row)
+        states.append(
+            livestate.LotState(
+                lot_id=lot.id,
+                version=lot.version,
+                updated_at=lot.updated_at.isoformat() if lot.updated_at else None,
+                district=lot.district,
+                occupied={t: int(lot.occupied.get(t, 0)) for t in lot.capacity},
+                capacity={t: int(n) for t, n in lot.capacity.items()},
+            )
+        )
+    livestate.apply_states(client, states)
+
+
+class ReadPath:
+    """One per app and process: the Redis client, the PostgreSQL pool and the refill state."""
+
+    def __init__(
+        self,
+        db: Database,
+        redis_url: str,
+        redis_timeout_s: float,
+        thresholds: Thresholds,
+        tuning: ReadPathSettings,
+    ) -> None:
+        self.db = db
+        self.redis_url = redis_url
+        self.redis_timeout_s = redis_timeout_s
+        self.thresholds = thresholds
+        self.tuning = tuning
+        self._client: redis.Redis | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._was_down = False
+        self._refilling = False
+        self._next_refill = 0.0
+        self._scripts: dict[int, Any] = {}
+        self._tokens = itertools.count(int(time.time() * 1000) << 20)
+
+    # -- Redis with a breaker --------------------------------------------------------------------
+
+    @property
+    def client(self) -> redis.Redis:
+        """This process's client: short timeouts and a single quick retry (fail over fast)."""
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    client = connect(self.redis_url, self.redis_timeout_s)
+                    client.set_retry(Retry(NoBackoff(), 1))
+                    self._client = client
+                    self._pid = os.getpid()
+        return self._client
+
+    def usable_redis(self) -> redis.Redis | None:
+        """The client, or None while the breaker holds Redis for down."""
+        if self._down_until and time.monotonic() < self._down_until:
+            return None
+        return self.client
+
+    def redis_failed(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.tuning.redis_retry_after_s
+        with self._lock:
+            if self._was_down:
+                return
+            self._was_down = True
+        log.warning("redis unavailable, serving from postgresql: %s", type(exc).__name__)
+        threading.Thread(target=self._probe, name="redis-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        """Ping Redis until it answers, then refill it (even if no request comes meanwhile)."""
+        while self._was_down:
+            time.sleep(max(0.1, self.tuning.redis_retry_after_s))
+            try:
+                self.client.ping()
+            except REDIS_ERRORS:
+                continue
+            self.redis_answered()
+
+    def redis_answered(self) -> None:
+        if not self._was_down:
+            return
+        with self._lock:
+            if not self._was_down:
+                return
+            self._was_down = False
+            self._down_until = 0.0
+        log.info("redis answers again, refilling it")
+        self.schedule_refill(force=True)
+
+    def run(self, work: Callable[[redis.Redis], Any]) -> Any:
+        """``work(client)``, or None if Redis is down or fails (then the breaker opens)."""
+        client = self.usable_redis()
+        if client is None:
+            return None
+        try:
+            result = work(client)
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
+            return None
+        self.redis_answered()
+        return result
+
+    # -- lot detail ------------------------------------------------------------------------------
+
+    def detail(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
+        """The lot's live version and view, or None if it is not a live lot."""
+        client = self.usable_redis()
+        if client is not None:
+            try:
+                view = self._detail_redis(client, lot_id, now)
+            except REDIS_ERRORS as exc:
+                self.redis_failed(exc)
+            else:
+                self.redis_answered()
+                if view is not None:
+                    return view
+        return self._detail_pg(lot_id, now)
+
+    def _read(
+        self, client: redis.Redis, lot_ids: Sequence[str], now: datetime
+    ) -> list[tuple[LotData, dict[str, int]] | None]:
+        """Each lot from Redis with its reserved counts (filled from PostgreSQL where not
+        cached), or None where Redis lacks the lot."""
+        keys: list[str] = []
+        for lot_id in lot_ids:
+            keys += [livestate.lot_key(lot_id), livestate.meta_key(lot_id)]
+            keys.append(reserved.reserved_key(lot_id))
+        token = f"{os.getpid()}:{next(self._tokens)}"
+        replies = self._read_script(client)(keys=keys, args=[token, reserved.LEASE_TTL_MS])
+        out: list[tuple[LotData, dict[str, int]] | None] = []
+        leased: list[str] = []
+        for n, lot_id in enumerate(lot_ids):
+            state, meta, held = replies[3 * n : 3 * n + 3]
+            if not state or not meta:
+                out.append(None)
+                continue
+            counts = reserved.decode(_pairs(held)) if held else None
+            if counts is None:
+                leased.append(lot_id)
+                counts = {}
+            out.append((lot_from_redis(lot_id, meta, state), counts))
+        if leased:
+            with self.db.connection() as conn:
+                snapshot = reserved.reserved_snapshot(conn, leased, now)
+            reserved.store(client, token, snapshot, now, self.tuning.reserved_cache_max_s)
+            for n, found in enumerate(out):
+                if found is not None and found[0].id in snapshot:
+                    out[n] = (found[0], snapshot[found[0].id].counts)
+        return out
+
+    def _read_script(self, client: redis.Redis) -> Any:
+        script = self._scripts.get(id(client))
+        if script is None:
+            script = self._scripts[id(client)] = client.register_script(_READ)
+        return script
+
+    def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:
+        found = self._read(client, [lot_id], now)[0]
+        if found is None:
+            return None
+        lot, counts = found
+        return lot.version, lot_view(lot, counts, now, self.thresholds)
+
+    def _detail_pg(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
+        with self.db.connection() as conn:
+            rows = repository.live_lots(conn, lot_ids=[lot_id])
+            if not rows:
+                return None
+            held = reserved.reserved_now(conn, [lot_id], now)[lot_id]
+        self.run(lambda client: self._fill(client, rows))
+        lot = repository.lot_data(rows[0])
+        return lot.version, lot_view(lot, held, now, self.thresholds)
+
+    def _fill(self, client: redis.Redis, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write ``rows`` back to Redis, then undo it for any lot deleted meanwhile."""
+        write_lots(client, rows)
+        with self.db.connection() as conn:
+            gone = repository.deleted_among(conn, lot_ids=[r["id"] for r in rows])
+        for lot_id in gone:
+            livestate.remove_lot(client, lot_id)
+
+    # -- nearby search ---------------------------------------------------------------------------
+
+    def nearby(self, query: NearbyQuery, now: datetime) -> Page:
+        client = self.usable_redis()
+        if client is not None:
+            try:
+                page = self._search(query, now, self._redis_source(client, query, now))
+            except CacheIncomplete:
+                self.redis_answered()
+                self.schedule_refill()
+            except REDIS_ERRORS as exc:
+                self.redis_failed(exc)
+            else:
+                self.redis_answered()
+                return page
+        with self.db.connection() as conn:
+            return self._search(query, now, self._pg_source(conn, query, now))
+
+    def _search(self, query: NearbyQuery, now: datetime, source: Source) -> Page:
+        after = query.after
+        min_d = max(0.0, after[0] - GEO_MARGIN_M) if after else 0.0
+        k = query.limit + 1 + max(4, query.limit // 4)
+        seen: Seen = {}
+        found: list[tuple[float, str]] = []
+        for _ in range(16):
+            distances = source(k, min_d, seen)
+            found = sorted(
+                (d, i)
+                for i, (d, lot, held) in seen.items()
+                if d <= query.radius_m
+                and (after is None or (d, i) > after)
+                and matches(lot, held, query.space_type, query.min_free, now)
+            )
+            if len(distances) < k:
+                break  # every candidate within the radius is evaluated
+            if len(found) > query.limit and distances[-1] > found[query.limit][0] + GEO_MARGIN_M:
+                break  # nothing unevaluated can come before the page's end
+            k *= 4
+        items = []
+        for d, i in found[: query.limit]:
+            _, lot, held = seen[i]
+            items.append({**lot_view(lot, held, now, self.thresholds), "distance_m": round(d, 1)})
+        next_after = found[query.limit - 1] if len(found) > query.limit else None
+        return Page(items, next_after)
+
+    def _redis_source(self, client: redis.Redis, query: NearbyQuery, now: datetime) -> Source:
+        def source(k: int, min_d: float, seen: Seen) -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.exists(GEO_COMPLETE_KEY)
+            pipe.geosearch(
+                livestate.GEO_KEY,
+                longitude=query.lon,
+                latitude=query.lat,
+                radius=query.radius_m + GEO_MARGIN_M,
+                unit="m",
+                sort="ASC",
+                count=k,
+                withdist=True,
+            )
+            complete, hits = pipe.execute()
+            if not complete:
+                raise CacheIncomplete("the geo index is not vouched complete")
+            new = [str(m) for m, d in hits if float(d) >= min_d and str(m) not in seen]
+            if new:
+                self._evaluate_redis(client, new, query, now, seen)
+            return [float(d) for _, d in hits]
+
+        return source
+
+    def _evaluate_redis(
+        self,
+        client: redis.Redis,
+        lot_ids: list[str],
+        query: NearbyQuery,
+        now: datetime,
+        seen: Seen,
+    ) -> None:
+        for lot_id, found in zip(lot_ids, self._read(client, lot_ids, now), strict=True):
+            if found is None:
+                raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
+            lot, counts = found
+            seen[lot.id] = (haversine_m(query.lat, query.lon, lot.lat, lot.lon), lot, counts)
+
+    def _pg_source(self, conn: Any, query: NearbyQuery, now: datetime) -> Source:
+        box = bounding_box(query.lat, query.lon, query.radius_m + GEO_MARGIN_M)
+
+        def source(k: int, min_d: float, seen: Seen) -> Any:
+            rows = repository.nearby_lots(
+                conn,
+                lat=query.lat,
+                lon=query.lon,
+                radius_m=query.radius_m + GEO_MARGIN_M,
+                box=box,
+                min_distance_m=min_d,
+                limit=k,
+            )
+            new = [r for r in rows if r["id"] not in seen]
+            held = reserved.reserved_now(conn, [r["id"] for r in new], now)
+            distances = []
+            for row in rows:
+                lot = repository.lot_data(row)
+                d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
+                distances.append(d)
+                if lot.id not in seen:
+                    seen[lot.id] = (d, lot, held[lot.id])
+            return distances
+
+        return source
+
+    # -- refill ----------------------------------------------------------------------------------
+
+    def schedule_refill(self, *, force: bool = False) -> None:
+        """Refill Redis from PostgreSQL in the background: one at a time, and (unless
+        ``force``) at most one every 5 s, the next one waiting for its turn."""
+        with self._lock:
+            if self._refilling:
+                return
+            self._refilling = True
+            delay = 0.0 if force else max(0.0, self._next_refill - time.monotonic())
+        threading.Thread(
+            target=self._refill_guarded, args=(delay,), name="refill", daemon=True
+        ).start()
+
+    def _refill_guarded(self, delay: float) -> None:
+        try:
+            time.sleep(delay)
+            client = self.client
+            token = f"{os.getpid()}-{time.monotonic()}"
+            if client.set(REFILL_LOCK_KEY, token, nx=True, ex=300):
+                try:
+                    count = self.refill(client)
+                    log.info("redis refilled with %d lots", count)
+                finally:
+                    if client.get(REFILL_LOCK_KEY) == token:
+                        client.delete(REFILL_LOCK_KEY)
+        except Exception as exc:
+            log.warning("redis refill failed: %s", type(exc).__name__)
+        finally:
+            with self._lock:
+                self._refilling = False
+                self._next_refill = time.monotonic() + 5.0
+
+    def refill(self, client: redis.Redis) -> int:
+        """Write every live lot to Redis in batches, then vouch for the geo index."""
+        with self.db.connection() as conn:
+            return refill(
+                conn,
+                client,
+                chunk=self.tuning.refill_chunk,
+                reserved_max_age_s=self.tuning.reserved_cache_max_s,
+            )
+
+
+def refill(
+    conn: Any, client: redis.Redis, *, chunk: int = 5000, reserved_max_age_s: float = 60.0
+) -> int:
+    """Write every live lot (and its reserved counts) to Redis in batches, undo lots deleted
+    meanwhile, then set the geo index's completeness marker; return the number of lots."""
+    started = datetime.now(UTC)
+    count = 0
+    after: str | None = None
+    for _ in range(100_000):
+        rows = repository.live_lots_page(conn, after=after, limit=chunk)
+        if not rows:
+            break
+        write_lots(client, rows)
+        ids = [r["id"] for r in rows]
+        token = reserved.lease(client, ids)
+        now = datetime.now(UTC)
+        snapshot = reserved.reserved_snapshot(conn, ids, now)
+        reserved.store(client, token, snapshot, now, reserved_max_age_s)
+        count += len(rows)
+        after = rows[-1]["id"]
+        time.sleep(0)  # let other greenlets run between batches
+    for lot_id in repository.deleted_since(conn, since=started - timedelta(seconds=1)):
+        livestate.remove_lot(client, lot_id)
+    client.set(GEO_COMPLETE_KEY, started.isoformat())
+    return count

@@ -1,0 +1,84 @@
+"""gunicorn settings shared by the gateway and the services (``gunicorn -c`` this file).
+
+Each process group gets its own Prometheus multiprocess directory, emptied at start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+bind = os.environ.get("BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "2000"))
+threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+keepalive = 75
+timeout = 30
+graceful_timeout = 20
+max_requests = 0
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "warning")
+control_socket_disable = True
+
+
+def _problem_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own protocol-level refusals (414, 431, bad request lines) as problem+json."""
+    import json
+
+    from gunicorn import util
+
+    code = {
+        400: "bad-request",
+        403: "forbidden",
+        414: "uri-too-long",
+        431: "header-fields-too-large",
+    }.get(status_int, "bad-request")
+    body = json.dumps(
+        {
+            "type": f"https://parking.example/problems/{code}",
+            "title": reason,
+            "status": status_int,
+            "detail": reason.lower(),
+            "code": code,
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def _install_problem_errors() -> None:
+    from gunicorn import util
+
+    util.write_error = _problem_error
+
+
+_install_problem_errors()
+
+
+def on_starting(server: Any) -> None:
+    base = os.environ.get("PARKING_METRICS_DIR") or os.path.join(
+        tempfile.gettempdir(), f"parking-metrics-{os.getuid()}"
+    )
+    path = os.path.join(base, f"{server.proc_name}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Operator-facing service: the lot registry and the occupancy event intake."""

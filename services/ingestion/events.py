@@ -1,0 +1,100 @@
+"""``POST /v1/events``: the operators' occupancy intake, the platform's hot path.
+
+The body is parsed with orjson and validated as typed dicts (the OpenAPI document still
+describes it with :class:`EventBatch`); the batch is applied in one transaction of a handful of
+statements, and the live state goes to Redis after the commit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Response, request
+from flask_openapi3 import APIBlueprint, Tag
+
+from services.common.app import get_db, get_redis, json_response, request_json, settings_of
+from services.common.auth import current_principal, require
+from services.common.config import IngestionSettings
+from services.common.errors import Problem
+from services.ingestion import intake
+from services.ingestion.livesync import live_sync
+from services.ingestion.schemas import EventBatchResult, validate_batch_json, validate_events
+from services.reservations.lifecycle import forget_reserved
+
+bp = APIBlueprint(
+    "events",
+    __name__,
+    url_prefix="/v1/events",
+    abp_tags=[Tag(name="events")],
+    abp_security=[{"operatorKey": []}],
+)
+
+
+@bp.post("", responses={200: EventBatchResult})
+@require("operator")
+def post_events() -> Response:
+    """Push 1 to 1000 space, entry, exit and count events; durable before the answer.
+
+    Idempotent by (operator, event id). Each event is counted in exactly one of ``accepted``,
+    ``duplicate``, ``stale`` or ``rejected`` (by index, with a code). More than 1000 events
+    or 1 MiB is a 413 problem, a malformed body a 400 or 422 problem, and changes nothing.
+    """
+    settings: IngestionSettings = settings_of()
+    valid = None
+    if request.mimetype == "application/json":
+        valid = validate_batch_json(request.get_data(cache=True), settings.max_events_per_batch)
+    rejected: list[dict[str, Any]] = []
+    if valid is None:
+        raw = _events_of(request_json(), settings.max_events_per_batch)
+        valid, rejected = validate_events(raw)
+    horizon = datetime.now(UTC) + timedelta(seconds=settings.clock_skew_s)
+    events: list[tuple[int, dict[str, Any]]] = []
+    for index, event in valid:
+        if event["observed_at"] > horizon:
+            rejected.append(
+                intake.reject(
+                    index,
+                    "observed-in-future",
+                    f"observed_at is more than {settings.clock_skew_s:g} s in the future",
+                )
+            )
+        else:
+            events.append((index, event))
+    outcome = intake.Outcome(rejected=rejected)
+    if events:
+        with get_db().connection() as conn:
+            intake.ingest(
+                conn,
+                operator_id=current_principal().id,
+                events=events,
+                plate_key=settings.plate_hash_key.get_secret_value(),
+                outcome=outcome,
+            )
+        live_sync().publish(outcome.states)
+        if outcome.reservations_moved:
+            forget_reserved(get_redis(), outcome.reservations_moved)
+    return json_response(outcome.body())
+
+
+def _events_of(body: Any, limit: int) -> list[Any]:
+    """The ``events`` list of a well-formed batch, or a 413/422 problem."""
+    if not isinstance(body, dict) or set(body) != {"events"}:
+        raise _invalid([], 'send an object with one key, "events"')
+    raw = body["events"]
+    if not isinstance(raw, list):
+        raise _invalid(["events"], "Input should be a valid list")
+    if not raw:
+        raise _invalid(["events"], "List should have at least 1 item")
+    if len(raw) > limit:
+        raise Problem(413, f"at most {limit} events per batch", code="payload-too-large")
+    return raw
+
+
+def _invalid(loc: list[str], msg: str) -> Problem:
+    return Problem(
+        422,
+        "the request is not valid",
+        code="validation",
+        errors=[{"loc": ["body", *loc], "msg": msg}],
+    )

@@ -1,0 +1,1 @@
+"""Driver-facing service: accounts, quotes, reservations and their lifecycle."""
