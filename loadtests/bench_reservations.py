@@ -5,9 +5,15 @@ quota of 10, the rest with room to spare), mints drivers, then for BENCH_SECONDS
 BENCH_CLIENTS concurrent clients POST /v1/reservations over keep-alive connections, each with a
 fresh Idempotency-Key; BENCH_CONTENDED (0.3) of the requests go to the contended lots, where
 windows collide and many answers are 409 no-capacity. It prints reservations made per second
-(201 answers), requests per second, p50/p99 latency, the answers by status, and the number of
-overbookings found afterwards by SQL (instants where confirmed reservations of a lot and type
-exceed its quota; must be 0).
+(201 answers), requests per second, p50/p99 latency, the answers by status, the CPU each process
+group spent per request (gateway and reservations workers, PostgreSQL's postmaster and backends,
+Redis, the load generator, and the whole machine, which includes anything else running), and the
+number of overbookings found afterwards by SQL (instants where confirmed reservations of a lot
+and type exceed its quota; must be 0).
+
+The clients are threads of this process on lean keep-alive connections (``load.Connection``):
+``http.client`` parses every answer's headers with the ``email`` package, which cost more CPU per
+request than some of the servers under test.
 
 In the same run it measures a baseline: authenticated GET /v1/reservations?limit=1 (the same
 gateway, token check, proxy and one indexed query) for BENCH_BASELINE_SECONDS (5) at the same
@@ -15,15 +21,13 @@ concurrency; the ratio of the two rates is the figure to compare across machines
 
 Environment: BENCH_SECONDS, BENCH_WARMUP (2), BENCH_BASELINE_SECONDS, BENCH_CLIENTS (32),
 BENCH_LOTS (50), BENCH_CONTENDED_LOTS (5), BENCH_CONTENDED, BENCH_DRIVERS (500),
-BENCH_RESERVATIONS_WORKERS (2), BENCH_RESERVATIONS_CLASS (gthread, with BENCH_RESERVATIONS_THREADS
-4 threads each: unlike sync workers they keep the gateway's connections alive, which measured
-~20% less CPU per request in both the gateway and the service), BENCH_GATEWAY_WORKERS (2);
+BENCH_RESERVATIONS_WORKERS (2) and BENCH_RESERVATIONS_THREADS (4) of the Procfile's gthread
+workers, BENCH_GATEWAY_WORKERS (2), BENCH_DB_POOL_MAX (4 per process);
 BENCH_DATABASE_URL / BENCH_REDIS_URL to use real servers.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import random
 import threading
@@ -33,12 +37,13 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import psycopg
+import redis
 
 from loadtests.harness import bench_stack, report, summary
+from loadtests.load import Connection
 from services.common.lots import LotIn
 from services.ingestion.registry import create_lot
 from tests.reservations.helpers import mint_tokens
@@ -83,8 +88,7 @@ class Load:
         base: str,
         make: Callable[[random.Random], tuple[str, str, bytes | None, dict[str, str]]],
     ) -> None:
-        parts = urlsplit(base)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.base = base
         self.make = make
         self.lock = threading.Lock()
         self.latencies: list[float] = []
@@ -108,21 +112,16 @@ class Load:
 
     def _client(self, seed: int, measure_from: float, stop_at: float) -> None:
         rng = random.Random(seed)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn = Connection.to(self.base)  # lean: http.client's header parsing costs much CPU
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
         errors = 0
         while (now := time.monotonic()) < stop_at:
             method, path, body, headers = self.make(rng)
             try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException):
-                errors += 1
-                conn.close()
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                status, _ = conn.request(method, path, body, headers)
+            except (OSError, ValueError):
+                errors += 1  # the connection is closed; the next request opens a new one
                 continue
             done = time.monotonic()
             if now >= measure_from:
@@ -135,17 +134,48 @@ class Load:
             self.errors += errors
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by ``pids`` (Linux /proc)."""
+def cpu_seconds(pids: list[int], *, reaped: bool = False) -> float:
+    """User + system CPU seconds used so far by ``pids`` (Linux /proc); with ``reaped``, also
+    by their children that exited (PostgreSQL's postmaster reaps its backends)."""
     total = 0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])
+        if reaped:
+            total += int(fields[13]) + int(fields[14])
     return total / tick
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == pid]
+
+
+def server_pids(stack: Stack) -> dict[str, list[int]]:
+    """The local PostgreSQL postmaster and Redis server, when they run on this machine (for
+    their CPU per request); empty lists when they are elsewhere."""
+    out: dict[str, list[int]] = {"postgresql": [], "redis": []}
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    postmaster = _parent(int(row[0])) if row else None
+    if postmaster:
+        out["postgresql"] = [postmaster]
+    info = redis.Redis.from_url(stack.redis_url).info("server")
+    if os.path.exists(f"/proc/{info.get('process_id')}"):
+        out["redis"] = [int(info["process_id"])]
+    return out
 
 
 def machine_cpu_seconds() -> float:
@@ -184,8 +214,7 @@ def main() -> None:
     n_drivers = int(_env("BENCH_DRIVERS", 500))
     env = {
         "RESERVATIONS_WORKERS": os.environ.get("BENCH_RESERVATIONS_WORKERS", "2"),
-        "GUNICORN_WORKER_CLASS": os.environ.get("BENCH_RESERVATIONS_CLASS", "gthread"),
-        "GUNICORN_THREADS": os.environ.get("BENCH_RESERVATIONS_THREADS", "4"),
+        "RESERVATIONS_THREADS": os.environ.get("BENCH_RESERVATIONS_THREADS", "4"),
         "GATEWAY_WORKERS": os.environ.get("BENCH_GATEWAY_WORKERS", "2"),
         "PARKING_DB_POOL_MAX": os.environ.get("BENCH_DB_POOL_MAX", "4"),
         # every driver reserves over and over: the anti-hoarding cap is not what is measured
@@ -253,25 +282,40 @@ def run(
             {"Authorization": f"Bearer {rng.choice(tokens)}"},
         )
 
+    groups = {name: stack.worker_pids(name) for name in ("gateway", "reservations")}
+    groups.update(server_pids(stack))
+
+    def cpu_now() -> dict[str, float]:
+        used = {name: cpu_seconds(pids) for name, pids in groups.items() if name != "postgresql"}
+        # PostgreSQL: the postmaster, the backends it reaped and those alive now
+        used["postgresql"] = sum(
+            cpu_seconds([pm], reaped=True) + cpu_seconds(children(pm))
+            for pm in groups["postgresql"]
+        )
+        used["load generator"] = time.process_time()
+        used["whole machine"] = machine_cpu_seconds()
+        return used
+
+    def per_request(before: dict[str, float], requests: int) -> dict[str, float]:
+        after = cpu_now()
+        return {
+            name: round((after[name] - before[name]) / max(1, requests) * 1000, 3) for name in after
+        }
+
     base = Load(stack.url, baseline)
-    base.run(clients, baseline_s, min(warmup, 1.0))
+    before = cpu_now()
+    base.run(clients, baseline_s, 0)
     base_rps = sum(base.statuses.values()) / baseline_s
+    base_ms = per_request(before, sum(base.statuses.values()))
 
     load = Load(stack.url, reservation)
-    groups = {name: stack.worker_pids(name) for name in ("gateway", "reservations")}
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
-    machine_before, own_before = machine_cpu_seconds(), time.process_time()
+    before = cpu_now()
     load.run(clients, seconds + warmup, 0)
-    cpu = {name: cpu_seconds(pids) - before[name] for name, pids in groups.items()}
-    cpu["load generator"] = time.process_time() - own_before
-    machine = machine_cpu_seconds() - machine_before
     seconds += warmup  # measured from the start, so CPU and requests cover the same span
     made = load.statuses.get(201, 0)
     requests_total = sum(load.statuses.values())
-    per_request_ms = {
-        name: round(used / max(1, requests_total) * 1000, 3) for name, used in cpu.items()
-    }
-    per_request_ms["whole machine"] = round(machine / max(1, requests_total) * 1000, 3)
+    per_request_ms = per_request(before, requests_total)
+    machine = per_request_ms["whole machine"] * requests_total / 1000
 
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         found = overbookings(conn)
@@ -294,6 +338,7 @@ def run(
             "confirmed_in_db": row[0] if row else None,
             "overbookings": found,
             "baseline_get_per_s": round(base_rps, 1),
+            "baseline_cpu_ms_per_request": base_ms,
             "ratio_to_baseline": round(requests_total / seconds / base_rps, 3)
             if base_rps
             else None,
