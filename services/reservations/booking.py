@@ -1,32 +1,38 @@
 """Reserving, quoting and cancelling: the repository's SQL under the domain's rules.
 
-A reservation is made in one PostgreSQL transaction, the call of the ``reserve_space``
-function (migrations 0301_reserve_space.sql to 0303), after Python has
-priced the window and checked it (length, not past, opening hours) against the lot's registry
-entry:
+A reservation is made in one PostgreSQL transaction, the call of the ``reserve_space_checked``
+function (migrations 0301_reserve_space.sql to 0304), after Python has priced the window and
+checked it (length, not past, opening hours) against the lot's registry entry, which it keeps
+in memory (:class:`LotCache`):
 
 1. claim the idempotency key (insert its row; a concurrent request with the same key waits
    there until the first commits, then replays its answer);
 2. lock the driver and then the lot's space type (transaction-scoped advisory locks, held
    until commit, so every worker and replica serializes on them);
-3. measure, with the locks held, the peak of confirmed reservations over the window and the
+3. check that the lot's opening hours, time zone and tariff are still those the window was
+   priced and checked by (if not, the statement fails and rolls back, the claim too, and the
+   booking starts again from the lot's row);
+4. measure, with the locks held, the peak of confirmed reservations over the window and the
    driver's open ones; insert only if the peak stays within the quota and the driver under
    the cap;
-4. store the answer under the key; commit.
+5. store the answer under the key; commit.
 
 Capacity is thus never a read-then-write across transactions: no two bookings of one lot and
-type interleave between step 3 and the commit. Refusals that do not depend on capacity (an
-unknown lot, a bad window) are stored under the key too, so a replay answers the same.
+type interleave between step 4 and the commit. Refusals that do not depend on capacity (an
+unknown lot, a bad window) are judged on the lot's row and stored under the key too, so a
+replay answers the same.
 """
 
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import psycopg
 
 from services.common.auth import plate_hash
@@ -91,6 +97,64 @@ def no_capacity() -> Problem:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BookingLot:
+    """What a booking is priced and checked by: a lot's opening hours, time zone and tariff
+    (with the tariff's jsonb text, which ``reserve_space_checked`` compares with the row)."""
+
+    opening_hours: str
+    timezone: str
+    tariff_text: str
+    tariff: Tariff
+    read_at: float
+
+    @property
+    def checked(self) -> tuple[str, str, str]:
+        return self.opening_hours, self.timezone, self.tariff_text
+
+
+class LotCache:
+    """Lots' booking entries by id, kept per process for at most ``ttl_s``.
+
+    Never trusted on its own: a booking made from an entry passes the entry to
+    ``reserve_space_checked``, which compares it with the lot's row inside the booking's
+    transaction, and a refusal judged on an entry is judged again on the row. So a lot changed
+    meanwhile costs one more round trip, never a price from an old tariff.
+    """
+
+    def __init__(self, ttl_s: float = 60.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._lots: dict[str, BookingLot] = {}
+
+    def get(
+        self, conn: psycopg.Connection[Any], lot_id: str, *, fresh: bool = False
+    ) -> tuple[BookingLot | None, bool]:
+        """(the lot's entry or None if there is no such live lot, whether it was read now)."""
+        now = time.monotonic()
+        if not fresh:
+            hit = self._lots.get(lot_id)
+            if hit is not None and now - hit.read_at < self.ttl_s:
+                return hit, False
+        row = repo.lot_for_booking_text(conn, lot_id=lot_id)
+        if row is None:
+            self._lots.pop(lot_id, None)
+            return None, True
+        hours, zone, tariff_text = row
+        lot = BookingLot(
+            hours, zone, tariff_text, Tariff.model_validate(orjson.loads(tariff_text)), now
+        )
+        if len(self._lots) >= self.max_entries:
+            self._lots.clear()
+        self._lots[lot_id] = lot
+        return lot, True
+
+
+LOTS = LotCache()
+# Reading a lot again because it changed under a booking: a lot edited that often is refused.
+MAX_LOT_READS = 3
+
+
 def reserve(
     conn: psycopg.Connection[Any],
     *,
@@ -100,30 +164,71 @@ def reserve(
     raw_body: Any,
     request: ReservationIn,
     now: datetime,
+    lots: LotCache = LOTS,
 ) -> Answer:
     """Make (or replay) the reservation ``request`` of ``driver_id`` under idempotency ``key``.
 
-    Two statements: the lot's registry entry (read without locks: what a price and a window
-    are checked against), then either the refusal stored once under the key, or the
-    ``reserve_space`` call that claims the key, locks and checks capacity (see the module doc).
+    Usually one statement, the ``reserve_space_checked`` call that claims the key, locks,
+    checks the lot is as priced, and checks capacity (see the module doc), with the lot's
+    entry from ``lots``; a refusal that does not depend on capacity (an unknown lot, a bad
+    window) is judged on the lot's row and stored once under the key.
     """
     request_hash = domain.request_hash(settings.plate_hash_key.get_secret_value(), raw_body)
     lot_id = parse_uuid(request.lot_id)
-    lot = repo.lot_for_booking(conn, lot_id=lot_id) if lot_id else None
-    refusal = _refusal(lot, settings=settings, request=request, now=now)
-    if refusal is not None or lot is None or lot_id is None:
-        problem = refusal or Problem(404, "lot not found", code="not-found")
-        stored = repo.answer_once(
-            conn,
-            driver_id=driver_id,
-            key=key,
-            request_hash=request_hash,
-            status=problem.status,
-            response=problem.body(),
-        )
-        return _answer_of(stored, request_hash)
+    fresh = False
+    for _ in range(MAX_LOT_READS):
+        lot, read_now = lots.get(conn, lot_id, fresh=fresh) if lot_id else (None, True)
+        refusal = _refusal(lot, settings=settings, request=request, now=now)
+        if refusal is not None or lot is None or lot_id is None:
+            if not read_now:  # judged on a cached entry: judge again on the row
+                fresh = True
+                continue
+            problem = refusal or Problem(404, "lot not found", code="not-found")
+            stored = repo.answer_once(
+                conn,
+                driver_id=driver_id,
+                key=key,
+                request_hash=request_hash,
+                status=problem.status,
+                response=problem.body(),
+            )
+            return _answer_of(stored, request_hash)
+        try:
+            answer = _book(
+                conn,
+                settings=settings,
+                driver_id=driver_id,
+                key=key,
+                request_hash=request_hash,
+                request=request,
+                now=now,
+                lot_id=lot_id,
+                lot=lot,
+            )
+        except repo.LotChanged:
+            fresh = True
+            continue
+        if answer.status == 201 and not answer.replayed:
+            return Answer(201, answer.body, lot_ids=[lot_id])
+        return answer
+    raise Problem(409, "the lot is being changed, retry", code="conflict")
+
+
+def _book(
+    conn: psycopg.Connection[Any],
+    *,
+    settings: ReservationsSettings,
+    driver_id: str,
+    key: str,
+    request_hash: bytes,
+    request: ReservationIn,
+    now: datetime,
+    lot_id: str,
+    lot: BookingLot,
+) -> Answer:
+    """Price the window by ``lot`` and book it (raises repo.LotChanged if ``lot`` is stale)."""
     start, end = request.start, request.end
-    price = domain.price_of(Tariff.model_validate(lot["tariff"]), start, end)
+    price = domain.price_of(lot.tariff, start, end)
     reservation = {
         "id": uuid.uuid4(),
         "driver_id": driver_id,
@@ -140,7 +245,7 @@ def reserve(
         "cancelled_at": None,
     }
     limit = settings.max_open_per_driver
-    stored = repo.reserve_space(
+    stored = repo.reserve_space_checked(
         conn,
         reservation=reservation,
         plate_hash=plate_hash(settings.plate_hash_key.get_secret_value(), request.plate),
@@ -156,15 +261,13 @@ def reserve(
                 code="reservation-limit",
             ).body(),
         },
+        lot=lot.checked,
     )
-    answer = _answer_of(stored, request_hash)
-    if answer.status == 201 and not answer.replayed:
-        return Answer(201, answer.body, lot_ids=[lot_id])
-    return answer
+    return _answer_of(stored, request_hash)
 
 
 def _refusal(
-    lot: dict[str, Any] | None,
+    lot: BookingLot | None,
     *,
     settings: ReservationsSettings,
     request: ReservationIn,
@@ -177,9 +280,7 @@ def _refusal(
         domain.check_window(request.start, request.end, now=now, max_window_h=settings.max_window_h)
     except domain.WindowError as exc:
         return _window_problem(exc)
-    if not domain.open_for_window(
-        lot["opening_hours"], lot["timezone"], request.start, request.end
-    ):
+    if not domain.open_for_window(lot.opening_hours, lot.timezone, request.start, request.end):
         return _window_problem(domain.WindowError("start", "the lot is closed during the window"))
     return None
 

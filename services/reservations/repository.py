@@ -76,6 +76,16 @@ def lot_for_booking(conn: psycopg.Connection[Any], *, lot_id: str) -> dict[str, 
         return cur.fetchone()
 
 
+def lot_for_booking_text(conn: psycopg.Connection[Any], *, lot_id: str) -> tuple[Any, ...] | None:
+    """(opening hours, time zone, tariff as jsonb text) of a live lot, or None: what a booking
+    is priced and checked by, in the form ``reserve_space_checked`` compares with the row."""
+    return conn.execute(
+        "SELECT opening_hours, timezone, tariff::text FROM lots"
+        " WHERE id = %s AND deleted_at IS NULL",
+        (lot_id,),
+    ).fetchone()
+
+
 # Idempotency keys -----------------------------------------------------------------------------
 
 
@@ -186,6 +196,67 @@ def reserve_space(
             _json(answers["limit"]),
         ),
     ).fetchone()
+    if row is None:  # the key vanished (cleaned up) between the claim and the read
+        return request_hash, None, None, True
+    return bytes(row[2]), row[0], row[1], bool(row[3])
+
+
+class LotChanged(Exception):
+    """The lot's registry entry changed (or the lot went) since the caller read it."""
+
+
+LOT_CHANGED = "PR409"  # the SQLSTATE reserve_space_checked raises for that (migration 0304)
+
+
+def reserve_space_checked(
+    conn: psycopg.Connection[Any],
+    *,
+    reservation: dict[str, Any],
+    plate_hash: bytes,
+    idempotency_key: str,
+    request_hash: bytes,
+    max_open: int,
+    answers: dict[str, Any],
+    lot: tuple[str, str, str],
+) -> tuple[bytes, int | None, Any, bool]:
+    """``reserve_space``, checking inside the transaction that the lot's (opening hours, time
+    zone, tariff text) are still ``lot``: raises LotChanged (and nothing is written) if not.
+
+    One call of the ``reserve_space_checked`` function (migration 0304): the only statement of
+    a booking, so the lot may come from a cache. Returns (request hash, status, response,
+    replayed).
+    """
+    r = reservation
+    try:
+        row = conn.execute(
+            "SELECT status, response, request_hash, replayed FROM reserve_space_checked("
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                r["driver_id"],
+                idempotency_key,
+                request_hash,
+                advisory_key("reservations-driver", str(r["driver_id"])),
+                advisory_key("reservations-quota", str(r["lot_id"]), r["space_type"]),
+                r["id"],
+                r["lot_id"],
+                r["space_type"],
+                r["starts_at"],
+                r["ends_at"],
+                plate_hash,
+                r["price_amount"],
+                r["price_currency"],
+                r["created_at"],
+                max_open,
+                _json(answers["created"]),
+                _json(answers["no_capacity"]),
+                _json(answers["limit"]),
+                *lot,
+            ),
+        ).fetchone()
+    except psycopg.Error as exc:
+        if exc.sqlstate == LOT_CHANGED:
+            raise LotChanged(str(r["lot_id"])) from None
+        raise
     if row is None:  # the key vanished (cleaned up) between the claim and the read
         return request_hash, None, None, True
     return bytes(row[2]), row[0], row[1], bool(row[3])
