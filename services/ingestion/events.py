@@ -1,8 +1,8 @@
 """``POST /v1/events``: the operators' occupancy intake, the platform's hot path.
 
-The body is parsed with orjson and validated as typed dicts (the OpenAPI document still
-describes it with :class:`EventBatch`); the batch is applied in one transaction of a handful of
-statements, and the live state goes to Redis after the commit.
+The body is validated as typed dicts straight from its bytes (the OpenAPI document still
+describes it with :class:`EventBatch`); the batch is applied in one transaction, by one call of
+a set-based PostgreSQL function, and the live state goes to Redis after the commit.
 """
 
 from __future__ import annotations
@@ -41,26 +41,25 @@ def post_events() -> Response:
     or 1 MiB is a 413 problem, a malformed body a 400 or 422 problem, and changes nothing.
     """
     settings: IngestionSettings = settings_of()
-    valid = None
+    events = None
+    index: list[int] | None = None  # the batch index of each of ``events``; None: its position
     if request.mimetype == "application/json":
-        valid = validate_batch_json(request.get_data(cache=True), settings.max_events_per_batch)
+        events = validate_batch_json(request.get_data(cache=True), settings.max_events_per_batch)
     rejected: list[dict[str, Any]] = []
-    if valid is None:
+    if events is None:
         raw = _events_of(request_json(), settings.max_events_per_batch)
         valid, rejected = validate_events(raw)
+        index = [i for i, _ in valid]
+        events = [e for _, e in valid]
     horizon = datetime.now(UTC) + timedelta(seconds=settings.clock_skew_s)
-    events: list[tuple[int, dict[str, Any]]] = []
-    for index, event in valid:
-        if event["observed_at"] > horizon:
-            rejected.append(
-                intake.reject(
-                    index,
-                    "observed-in-future",
-                    f"observed_at is more than {settings.clock_skew_s:g} s in the future",
-                )
-            )
-        else:
-            events.append((index, event))
+    future = [n for n, e in enumerate(events) if e["observed_at"] > horizon]
+    if future:
+        positions = index if index is not None else list(range(len(events)))
+        detail = f"observed_at is more than {settings.clock_skew_s:g} s in the future"
+        rejected += [intake.reject(positions[n], "observed-in-future", detail) for n in future]
+        skip = set(future)
+        index = [i for n, i in enumerate(positions) if n not in skip]
+        events = [e for n, e in enumerate(events) if n not in skip]
     outcome = intake.Outcome(rejected=rejected)
     if events:
         with get_db().connection() as conn:
@@ -68,6 +67,7 @@ def post_events() -> Response:
                 conn,
                 operator_id=current_principal().id,
                 events=events,
+                index=index,
                 plate_key=settings.plate_hash_key.get_secret_value(),
                 outcome=outcome,
             )

@@ -83,7 +83,7 @@ class _Batch(TypedDict):
 _BATCH = TypeAdapter(_Batch)
 
 
-def validate_batch_json(body: bytes, limit: int) -> list[tuple[int, dict[str, Any]]] | None:
+def validate_batch_json(body: bytes, limit: int) -> list[dict[str, Any]] | None:
     """Every event of a wholly valid batch of at most ``limit``, parsed straight from JSON.
 
     The common case, in one pass of pydantic-core over the bytes; None when anything is off,
@@ -95,7 +95,7 @@ def validate_batch_json(body: bytes, limit: int) -> list[tuple[int, dict[str, An
         return None
     if not events or len(events) > limit:
         return None
-    return list(enumerate(events))
+    return events
 
 
 def validate_events(
