@@ -16,4 +16,7 @@ def create_app(settings: ReservationsSettings | None = None) -> OpenAPI:
     app.register_api(views.accounts_bp)
     app.register_api(views.quotes_bp)
     app.register_api(views.bp)
+    from services.reservations.fastpath import FastReserve
+
+    app.wsgi_app = FastReserve(app, app.wsgi_app)  # type: ignore[method-assign]
     return app
