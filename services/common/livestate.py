@@ -18,12 +18,14 @@ concurrent writers cannot move the live state backwards.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
+from redis.exceptions import NoScriptError
 
 GEO_KEY = "lots:geo"
 CITY_KEY = "city"
@@ -92,6 +94,9 @@ redis.call('PUBLISH', 'lot-changes', cjson.encode(message))
 return 1
 """
 
+# Redis names a script by the SHA-1 of its text (EVALSHA)
+_APPLY_SHA = hashlib.sha1(_APPLY.encode(), usedforsecurity=False).hexdigest()
+
 # KEYS: lot, city.  ARGV: lot_id.  Removes a lot and its share of the totals.
 _REMOVE = """
 local old = redis.call('HGETALL', KEYS[1])
@@ -128,20 +133,40 @@ class LotState:
 
 
 def apply_states(client: redis.Redis, states: Iterable[LotState]) -> list[bool]:
-    """Write each lot's state (if newer than Redis holds) in one pipelined round trip."""
-    script = client.register_script(_APPLY)
-    pipe = client.pipeline(transaction=False)
-    count = 0
+    """Write each lot's state (if newer than Redis holds) in one pipelined round trip.
+
+    The script is called by its digest; only if Redis does not hold it (restarted, flushed) is
+    it loaded and the pipeline sent again, which is safe: a write Redis already applied carries
+    a version it no longer accepts.
+    """
+    calls: list[list[Any]] = []
     for s in states:
         types = sorted(s.capacity)
         argv: list[Any] = [s.lot_id, s.version, s.updated_at or "", s.district, len(types)]
         for t in types:
             argv += [t, int(s.occupied.get(t, 0)), int(s.capacity[t])]
-        script(keys=[lot_key(s.lot_id), CITY_KEY, DISTRICTS_KEY], args=argv, client=pipe)
-        count += 1
-    if not count:
+        calls.append([lot_key(s.lot_id), CITY_KEY, DISTRICTS_KEY, *argv])
+    if not calls:
         return []
-    return [bool(r) for r in pipe.execute()]
+    answers = _evalsha_all(client, calls, raise_on_error=False)
+    missing = [i for i, a in enumerate(answers) if isinstance(a, NoScriptError)]
+    if missing:
+        client.script_load(_APPLY)
+        for i, a in zip(missing, _evalsha_all(client, [calls[i] for i in missing]), strict=True):
+            answers[i] = a
+    for a in answers:
+        if isinstance(a, Exception):
+            raise a
+    return [bool(a) for a in answers]
+
+
+def _evalsha_all(
+    client: redis.Redis, calls: list[list[Any]], *, raise_on_error: bool = True
+) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        pipe.execute_command("EVALSHA", _APPLY_SHA, 3, *call)
+    return pipe.execute(raise_on_error=raise_on_error)
 
 
 def put_meta(client: redis.Redis, lot_id: str, meta: Mapping[str, Any]) -> None:

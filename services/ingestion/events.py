@@ -51,15 +51,6 @@ def post_events() -> Response:
         valid, rejected = validate_events(raw)
         index = [i for i, _ in valid]
         events = [e for _, e in valid]
-    horizon = datetime.now(UTC) + timedelta(seconds=settings.clock_skew_s)
-    future = [n for n, e in enumerate(events) if e["observed_at"] > horizon]
-    if future:
-        positions = index if index is not None else list(range(len(events)))
-        detail = f"observed_at is more than {settings.clock_skew_s:g} s in the future"
-        rejected += [intake.reject(positions[n], "observed-in-future", detail) for n in future]
-        skip = set(future)
-        index = [i for n, i in enumerate(positions) if n not in skip]
-        events = [e for n, e in enumerate(events) if n not in skip]
     outcome = intake.Outcome(rejected=rejected)
     if events:
         with get_db().connection() as conn:
@@ -69,6 +60,8 @@ def post_events() -> Response:
                 events=events,
                 index=index,
                 plate_key=settings.plate_hash_key.get_secret_value(),
+                horizon=datetime.now(UTC) + timedelta(seconds=settings.clock_skew_s),
+                future=f"observed_at is more than {settings.clock_skew_s:g} s in the future",
                 outcome=outcome,
             )
         live_sync().publish(outcome.states)

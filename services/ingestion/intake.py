@@ -18,14 +18,16 @@ bumped under that lock orders the live-state writes to Redis.
 
 The work is set-based, in PostgreSQL: the validated batch goes over as one JSON array and the
 function ``ingest_events`` (migration 0102) applies it in one call, whatever the batch's size.
-Python only hashes plates, hands gate events with plates to the reservation lifecycle, and
-turns the answer into the outcome and the lots' live states.
+Python only hashes plates, hands the gate events that may move a reservation (their plate has
+one at their lot) to the reservation lifecycle, and turns the answer into the outcome and the
+lots' live states.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -38,7 +40,9 @@ from services.reservations.lifecycle import GateEvent, apply_gate_events
 log = logging.getLogger("parking.ingestion.intake")
 RETRIES = 3
 
-_INGEST = "SELECT * FROM ingest_events(%s::uuid, %s::uuid[], %s::json, %s::integer[])"
+_INGEST = (
+    "SELECT * FROM ingest_events(%s::uuid, %s::uuid[], %s::json, %s::integer[], %s::timestamptz)"
+)
 
 # The function names a rejection by code, or code:argument; the words are said here.
 _DETAILS = {
@@ -81,7 +85,9 @@ def reject(index: int, code: str, detail: str) -> dict[str, Any]:
     return {"index": index, "code": code, "detail": detail}
 
 
-def _rejection(index: int, problem: str) -> dict[str, Any]:
+def _rejection(index: int, problem: str, future: str) -> dict[str, Any]:
+    if problem == "observed-in-future":
+        return reject(index, problem, future)
     known = _DETAILS.get(problem)
     if known is not None:
         return reject(index, *known)
@@ -98,11 +104,14 @@ def ingest(
     events: list[dict[str, Any]],
     index: list[int] | None,
     plate_key: str,
+    horizon: datetime,
+    future: str,
     outcome: Outcome,
 ) -> None:
     """Apply valid ``events`` (the batch's events at ``index``, or the whole batch if None).
 
-    The transaction is retried on a deadlock or serialization failure.
+    An event observed after ``horizon`` is rejected as ``observed-in-future`` with the detail
+    ``future``. The transaction is retried on a deadlock or serialization failure.
     """
     # Plates never leave this process: each is replaced by its keyed hash.
     plates: dict[int, tuple[dict[str, Any], bytes]] = {}
@@ -121,7 +130,8 @@ def ingest(
         outcome.reservations_moved = []
         try:
             with conn.transaction():
-                _apply(conn, operator_id, lot_ids, payload, index, plates, outcome)
+                params = (operator_id, lot_ids, payload, index, horizon)
+                _apply(conn, params, plates, future, outcome)
             return
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             if attempt == RETRIES:
@@ -131,14 +141,12 @@ def ingest(
 
 def _apply(
     conn: psycopg.Connection[Any],
-    operator_id: str,
-    lot_ids: list[str],
-    payload: str,
-    index: list[int] | None,
+    params: tuple[Any, ...],
     plates: dict[int, tuple[dict[str, Any], bytes]],
+    future: str,
     out: Outcome,
 ) -> None:
-    rows = conn.execute(_INGEST, (operator_id, lot_ids, payload, index)).fetchall()
+    rows = conn.execute(_INGEST, params).fetchall()
     summary: dict[str, Any] = {}
     for lot_id, version, updated_at, district, counts in rows:
         if lot_id is None:
@@ -163,7 +171,7 @@ def _apply(
     out.accepted = summary["accepted"]
     out.duplicate = summary["duplicate"]
     out.stale = summary["stale"]
-    out.rejected.extend(_rejection(i, problem) for i, problem in summary["rejected"])
+    out.rejected.extend(_rejection(i, problem, future) for i, problem in summary["rejected"])
     gates = [
         GateEvent(e["lot_id"].lower(), e["type"], hashed, e["observed_at"])
         for e, hashed in (plates[i] for i in summary["plates"])

@@ -282,3 +282,80 @@ def test_any_printable_id_is_idempotent(new_operator: Any, conn: psycopg.Connect
     stored = conn.execute("SELECT event_id FROM events WHERE lot_id = %s", (lot["id"],)).fetchall()
     assert sorted(r[0] for r in stored) == sorted(ids)
     assert occupancy(conn, lot["id"]) == {"standard": len(ids)}
+
+
+def test_rejections_name_their_reason_and_keep_their_index(
+    stack: Stack, new_operator: Any, conn: psycopg.Connection[Any]
+) -> None:
+    """The details of each rejection, in the fast path (every event well-formed) and when some
+    are malformed (the others keep their batch index)."""
+    operator_id, operator = new_operator()
+    _, other = new_operator()
+    spaces = create_lot(operator, space_lot_body(2))
+    gates = create_lot(operator, gate_lot_body({"standard": 5}))
+    foreign = create_lot(other, space_lot_body(2))
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    well_formed = [
+        {**space(spaces["id"], "A-000", True, 1), "observed_at": future},
+        space(foreign["id"], "A-000", True, 1),
+        space(spaces["id"], "Z-999", True, 1),
+        gate(spaces["id"], "entry", 1),
+        space(gates["id"], "A-000", True, 1),
+        gate(gates["id"], "exit", 1, "ev"),
+        count(gates["id"], {"motorcycle": 1, "ev": 1, "standard": 2}, 1),
+        space(spaces["id"], "A-001", True, 1),
+    ]
+    details = [
+        (0, "observed-in-future", "observed_at is more than 300 s in the future"),
+        (1, "unknown-lot", "no such lot of yours"),
+        (2, "unknown-space", "the lot has no such space"),
+        (3, "wrong-lot-kind", "the lot is counted by space sensors: send space events"),
+        (4, "wrong-lot-kind", "the lot is counted at its gates: send entry, exit or count"),
+        (5, "unknown-space-type", "the lot has no ev spaces"),
+        (6, "unknown-space-type", "the lot has no ev, motorcycle spaces"),
+    ]
+    body = post(operator, well_formed)
+    assert body["accepted"] == 1
+    assert [(r["index"], r["code"], r["detail"]) for r in body["rejected"]] == details
+    # the same events, after a malformed one and with another in between: indexes shift
+    again = [dict(e, id=e["id"] + "-2") for e in well_formed]
+    mixed = ["not an event", *again[:4], {"id": "x", "type": "teleport"}, *again[4:]]
+    body = post(operator, mixed)
+    assert body["accepted"] == 1 and body["duplicate"] == 0 and body["stale"] == 0
+    shift = {i: i + 1 if i < 4 else i + 2 for i in range(8)}
+    assert [(r["index"], r["code"]) for r in body["rejected"]] == sorted(
+        [(0, "invalid"), (5, "invalid")] + [(shift[i], code) for i, code, _ in details]
+    )
+    assert _log_count(conn, operator_id) == (2, 2)
+
+
+def test_a_repeated_id_is_a_duplicate_of_its_first_valid_occurrence(
+    stack: Stack, new_operator: Any, conn: psycopg.Connection[Any]
+) -> None:
+    operator_id, operator = new_operator()
+    lot = create_lot(operator, space_lot_body(2))
+    lid = lot["id"]
+    # the first carrier of "dup" is rejected, so the second is the one accepted
+    events = [
+        space(lid, "Z-999", True, 1, "dup"),
+        space(lid, "A-000", True, 5, "dup"),
+        space(lid, "A-001", True, 6, "dup"),
+        space(lid, "A-001", True, 4, "older"),
+    ]
+    body = post(operator, events)
+    assert body == {
+        "accepted": 2,
+        "duplicate": 1,
+        "stale": 0,
+        "rejected": [{"index": 0, "code": "unknown-space", "detail": "the lot has no such space"}],
+    }
+    assert occupancy(conn, lid) == {"standard": 2}
+    row = conn.execute(
+        "SELECT event_id, observed_at FROM spaces WHERE lot_id = %s AND space_id = 'A-001'", (lid,)
+    ).fetchone()
+    assert row is not None and row[0] == "older"
+    assert _log_count(conn, operator_id) == (2, 2)
+    # across batches: all duplicates, nothing changes
+    body = post(operator, events[1:])
+    assert body["duplicate"] == 3 and body["accepted"] == 0
+    assert _log_count(conn, operator_id) == (2, 2)
