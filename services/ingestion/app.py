@@ -30,6 +30,9 @@ def create_app(settings: IngestionSettings | None = None) -> OpenAPI:
     app.register_api(lots.bp)
     app.register_api(events.bp)
     _document_event_body(app)
+    from services.ingestion.fastpath import FastEvents
+
+    app.wsgi_app = FastEvents(app, app.wsgi_app, max_body=MAX_BODY_BYTES)  # type: ignore[method-assign]
 
     @app.errorhandler(psycopg.DataError)
     def _unstorable(exc: psycopg.DataError) -> Response:

@@ -10,15 +10,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Response, request
+from flask import Flask, Response, current_app, request
 from flask_openapi3 import APIBlueprint, Tag
 
-from services.common.app import get_db, get_redis, json_response, request_json, settings_of
+from services.common.app import json_response, request_json, settings_of
 from services.common.auth import current_principal, require
 from services.common.config import IngestionSettings
 from services.common.errors import Problem
 from services.ingestion import intake
-from services.ingestion.livesync import live_sync
+from services.ingestion.livesync import LiveSync
 from services.ingestion.schemas import EventBatchResult, validate_batch_json, validate_events
 from services.reservations.lifecycle import forget_reserved
 
@@ -51,12 +51,34 @@ def post_events() -> Response:
         valid, rejected = validate_events(raw)
         index = [i for i, _ in valid]
         events = [e for _, e in valid]
+    body = apply_batch(
+        current_app,
+        operator_id=current_principal().id,
+        events=events,
+        index=index,
+        rejected=rejected,
+    )
+    return json_response(body)
+
+
+def apply_batch(
+    app: Flask,
+    *,
+    operator_id: str,
+    events: list[dict[str, Any]],
+    index: list[int] | None,
+    rejected: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Apply valid ``events`` (at ``index`` in the batch; None: every event, in order), write
+    the live state after the commit, and answer the batch's outcome (``rejected`` so far
+    included). Shared by the Flask route and the lean path (fastpath.py)."""
+    settings: IngestionSettings = app.config["PARKING_SETTINGS"]
     outcome = intake.Outcome(rejected=rejected)
     if events:
-        with get_db().connection() as conn:
+        with app.extensions["parking_db"].connection() as conn:
             intake.ingest(
                 conn,
-                operator_id=current_principal().id,
+                operator_id=operator_id,
                 events=events,
                 index=index,
                 plate_key=settings.plate_hash_key.get_secret_value(),
@@ -64,10 +86,11 @@ def post_events() -> Response:
                 future=f"observed_at is more than {settings.clock_skew_s:g} s in the future",
                 outcome=outcome,
             )
-        live_sync().publish(outcome.states)
+        sync: LiveSync = app.extensions["parking_livesync"]
+        sync.publish(outcome.states)
         if outcome.reservations_moved:
-            forget_reserved(get_redis(), outcome.reservations_moved)
-    return json_response(outcome.body())
+            forget_reserved(app.extensions["parking_redis"].client, outcome.reservations_moved)
+    return outcome.body()
 
 
 def _events_of(body: Any, limit: int) -> list[Any]:
