@@ -1,15 +1,24 @@
 """Rate limits in Redis: per principal, or per client address for anonymous callers.
 
 Each route group (drivers' lookups, operators' events, city pulls, account calls, the rest) has
-its own limit of ``limit`` requests per ``window_s`` seconds, enforced as a GCRA in one Lua
-call: smooth, with a burst of at most ``limit``, and one Redis round trip per request. If Redis
-is unreachable the gateway lets requests through rather than fail the whole platform.
+its own limit of ``limit`` requests per ``window_s`` seconds, enforced as a GCRA in Redis:
+smooth, with a burst of at most ``limit``. If Redis is unreachable the gateway lets requests
+through rather than fail the whole platform.
+
+A gateway worker does not ask Redis for every request. It takes a *lease* of tokens off the
+subject's bucket in one Lua call and spends them locally: a lease starts at one token and
+doubles each time it is spent before it lapses (a busy subject), up to a tenth of the limit,
+and a lease that lapses unspent gives its tokens back in the subject's next call and halves.
+Tokens are taken from the shared bucket before they are spent, so all the workers together
+never admit more than the limit; a subject at a handful of requests a second costs a round trip
+per request as before, one at hundreds costs one per lease.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,24 +26,44 @@ import redis
 
 log = logging.getLogger("parking.gateway.ratelimit")
 
-# KEYS[1]: the bucket.  ARGV: limit, window in ms.  Returns {allowed, remaining, reset_ms}.
+# KEYS[1]: the bucket.  ARGV: limit, window in ms, tokens wanted, tokens given back.
+# Returns {granted, remaining, reset_ms}: granted 0 means refused, reset_ms is then the wait.
 _GCRA = """
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local back = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local emission = period / limit
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now) - back * emission
 if tat < now then tat = now end
-local new_tat = tat + emission
-local allow_at = new_tat - period
-if now < allow_at then
-  return {0, 0, math.ceil(allow_at - now)}
+local free = math.floor((now + period - tat) / emission)
+if free < 1 then
+  if back > 0 then
+    redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now) + 1)
+  end
+  return {0, 0, math.ceil(tat + emission - period - now)}
 end
+local granted = math.min(want, free)
+local new_tat = tat + granted * emission
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
-local remaining = math.floor((period - (new_tat - now)) / emission)
-return {1, remaining, math.ceil(new_tat - now)}
+return {granted, free - granted, math.ceil(new_tat - now)}
 """
+MAX_LEASES = 50_000  # subjects remembered per worker before the table is cleared
+
+
+class _Lease:
+    """Tokens of one bucket taken from Redis and not yet spent by this worker."""
+
+    __slots__ = ("remaining", "reset_at", "size", "tokens", "until")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.until = 0.0
+        self.size = 1
+        self.remaining = 0  # the bucket's tokens left in Redis when the lease was taken
+        self.reset_at = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,21 +91,45 @@ class RateLimiter:
         self.limits = limits
         self.enabled = enabled
         self._script: tuple[redis.Redis, Any] | None = None  # registered once per client
+        self._leases: dict[str, _Lease] = {}
 
     def check(self, client: redis.Redis, group: str, subject: str) -> Decision | None:
         """The decision for one request of ``subject`` in ``group``; None when not limited."""
         if not self.enabled:
             return None
         limit, window_s = self.limits.get(group) or self.limits["default"]
+        key = f"rl:{group}:{limit}/{window_s:g}:{subject}"
+        now = time.monotonic()
+        lease = self._leases.get(key)
+        if lease is None:
+            if len(self._leases) >= MAX_LEASES:
+                self._leases.clear()
+            lease = self._leases[key] = _Lease()
+        if lease.tokens > 0 and lease.until > now:
+            lease.tokens -= 1
+            return Decision(
+                True, limit, window_s, lease.remaining + lease.tokens, lease.reset_at - now, group
+            )
+        back, lease.tokens = lease.tokens, 0
+        if back:  # lapsed unspent: give the tokens back, ask for fewer
+            lease.size = max(1, lease.size // 2)
+        elif lease.until:  # spent: a busy subject, ask for more
+            lease.size = min(lease.size * 2, max(1, limit // 10))
         try:
             if self._script is None or self._script[0] is not client:
                 self._script = (client, client.register_script(_GCRA))
-            script = self._script[1]
-            allowed, remaining, reset_ms = script(
-                keys=[f"rl:{group}:{limit}/{window_s:g}:{subject}"],
-                args=[limit, int(window_s * 1000)],
+            granted, remaining, reset_ms = self._script[1](
+                keys=[key], args=[limit, int(window_s * 1000), lease.size, back]
             )
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("rate limiting skipped, redis unavailable: %s", type(exc).__name__)
             return None
-        return Decision(bool(allowed), limit, window_s, int(remaining), int(reset_ms) / 1000, group)
+        reset_s = int(reset_ms) / 1000
+        if not granted:
+            lease.until = now
+            return Decision(False, limit, window_s, 0, reset_s, group)
+        lease.tokens = int(granted) - 1
+        lease.until = now + min(1.0, max(0.05, window_s / 10))
+        lease.remaining = int(remaining)
+        lease.reset_at = now + reset_s
+        return Decision(True, limit, window_s, lease.remaining + lease.tokens, reset_s, group)

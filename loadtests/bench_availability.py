@@ -108,10 +108,6 @@ def fixed_rate(
     base: str, make: Callable[[int], load.Request], *, rate: float, seconds: float
 ) -> list[float]:
     """Open-loop load at ``rate`` requests/s; latencies timed from each scheduled start."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(base)
     threads = max(4, min(64, int(rate / 25)))
     interval = threads / rate
     latencies: list[float] = []
@@ -120,7 +116,7 @@ def fixed_rate(
     started = time.perf_counter() + 0.1
 
     def client(k: int) -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn = load.Connection.to(base)
         mine: list[float] = []
         due = started + k * interval / threads
         end = started + seconds
@@ -133,15 +129,11 @@ def fixed_rate(
                 time.sleep(delay)
             method, path, body, headers = make(i)
             try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status != 200:
+                status, _ = conn.request(method, path, body, headers)
+                if status != 200:
                     errors[0] += 1
-            except (OSError, http.client.HTTPException):
+            except (OSError, ValueError):
                 errors[0] += 1
-                conn.close()
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
             mine.append(time.perf_counter() - due)
             due += interval
             i += threads

@@ -59,7 +59,41 @@ def _install_problem_errors() -> None:
     util.write_error = _problem_error
 
 
+def _coalesce_head_and_body() -> None:
+    """Send a response's head and a whole, single-piece body in one ``sendall``.
+
+    gunicorn writes the head and then each body piece with a system call apiece; on loopback
+    every send runs the receiver's network stack too, so for the small JSON answers that make
+    up this platform's traffic one call instead of two is a measurable share of each request.
+    Anything else (streams, chunked bodies, HEAD, bodies in pieces) takes gunicorn's own path.
+    """
+    from gunicorn import util
+    from gunicorn.http import wsgi
+
+    plain_write = wsgi.Response.write
+
+    def write(self: Any, arg: bytes) -> None:
+        if (
+            self.headers_sent
+            or self.chunked
+            or getattr(self, "_omits_body", False)
+            or self.response_length != len(arg)
+            or not isinstance(arg, bytes)
+        ):
+            plain_write(self, arg)
+            return
+        tosend = self.default_headers()
+        tosend.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        head = ("".join(tosend) + "\r\n").encode("latin-1")
+        self.headers_sent = True
+        self.sent += len(arg)
+        util.write(self.sock, head + arg)
+
+    wsgi.Response.write = write
+
+
 _install_problem_errors()
+_coalesce_head_and_body()
 
 
 def on_starting(server: Any) -> None:

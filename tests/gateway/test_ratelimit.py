@@ -1,0 +1,63 @@
+"""The rate limiter's leases against the real Redis: exact limits across workers."""
+
+from __future__ import annotations
+
+import uuid
+
+import redis
+
+from gateway.ratelimit import RateLimiter
+
+
+def _admitted(limiters: list[RateLimiter], client: redis.Redis, subject: str, n: int) -> int:
+    allowed = 0
+    for i in range(n):
+        decision = limiters[i % len(limiters)].check(client, "lookups", subject)
+        assert decision is not None
+        allowed += decision.allowed
+    return allowed
+
+
+def test_leases_never_admit_more_than_the_limit_across_workers(redis_client: redis.Redis) -> None:
+    limits = {"lookups": (200, 60.0), "default": (10, 1.0)}
+    workers = [RateLimiter(limits) for _ in range(3)]  # three gateway workers, one bucket
+    subject = f"ip:{uuid.uuid4()}"
+    assert _admitted(workers, redis_client, subject, 500) == 200
+    refused = workers[0].check(redis_client, "lookups", subject)
+    assert refused is not None and not refused.allowed
+    assert refused.headers()["Retry-After"] == "1"  # one token comes back every 0.3 s
+
+
+def test_a_busy_subject_costs_few_round_trips(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter({"lookups": (100_000, 1.0), "default": (10, 1.0)})
+    subject = f"ip:{uuid.uuid4()}"
+    before = int(redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    assert _admitted([limiter], redis_client, subject, 2000) == 2000
+    after = int(redis_client.info("commandstats")["cmdstat_evalsha"]["calls"])
+    assert after - before < 50  # leases double: 1, 2, 4, ... tokens per round trip
+
+
+def test_unspent_tokens_are_given_back(redis_client: redis.Redis) -> None:
+    limits = {"lookups": (100, 1.0), "default": (10, 1.0)}
+    busy, other = RateLimiter(limits), RateLimiter(limits)
+    subject = f"ip:{uuid.uuid4()}"
+    assert _admitted([busy], redis_client, subject, 16) == 16  # leases 1+2+4+8, then 10
+    held = busy._leases[next(iter(busy._leases))]
+    assert held.tokens > 0
+    held.until = 0.01  # the lease lapses
+    assert busy.check(redis_client, "lookups", subject) is not None  # gives them back
+    assert held.tokens < held.size
+    # the other worker sees the bucket with the returned tokens: 100 minus what was spent
+    first = other.check(redis_client, "lookups", subject)
+    assert first is not None and first.allowed and first.remaining >= 100 - 16 - 2 - held.size
+
+
+def test_remaining_counts_down_exactly(redis_client: redis.Redis) -> None:
+    limiter = RateLimiter({"lookups": (5, 60.0), "default": (10, 1.0)})
+    subject = f"ip:{uuid.uuid4()}"
+    seen = []
+    for _ in range(6):
+        decision = limiter.check(redis_client, "lookups", subject)
+        assert decision is not None
+        seen.append((decision.allowed, decision.remaining))
+    assert seen == [(True, 4), (True, 3), (True, 2), (True, 1), (True, 0), (False, 0)]
