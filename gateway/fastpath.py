@@ -267,5 +267,10 @@ def _reason(status: int) -> str:
 
 
 def _problem(problem: Problem) -> tuple[int, list[tuple[str, str]], list[bytes]]:
-    headers = [*problem.headers.items(), ("Content-Type", PROBLEM_JSON)]
-    return problem.status, headers, [orjson.dumps(problem.body())]
+    body = orjson.dumps(problem.body())
+    headers = [
+        *problem.headers.items(),
+        ("Content-Type", PROBLEM_JSON),
+        ("Content-Length", str(len(body))),
+    ]
+    return problem.status, headers, [body]

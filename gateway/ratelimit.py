@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ MAX_LEASES = 50_000  # subjects remembered per worker before the table is cleare
 class _Lease:
     """Tokens of one bucket taken from Redis and not yet spent by this worker."""
 
-    __slots__ = ("remaining", "reset_at", "size", "tokens", "until")
+    __slots__ = ("pending", "remaining", "reset_at", "size", "tokens", "until")
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -64,6 +65,7 @@ class _Lease:
         self.size = 1
         self.remaining = 0  # the bucket's tokens left in Redis when the lease was taken
         self.reset_at = 0.0
+        self.pending = 0  # refills in flight (greenlets of this worker waiting on Redis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,7 @@ class RateLimiter:
         self.enabled = enabled
         self._script: tuple[redis.Redis, Any] | None = None  # registered once per client
         self._leases: dict[str, _Lease] = {}
+        self._lock = threading.Lock()  # the leases' bookkeeping, never held across Redis
 
     def check(self, client: redis.Redis, group: str, subject: str) -> Decision | None:
         """The decision for one request of ``subject`` in ``group``; None when not limited."""
@@ -100,36 +103,52 @@ class RateLimiter:
         limit, window_s = self.limits.get(group) or self.limits["default"]
         key = f"rl:{group}:{limit}/{window_s:g}:{subject}"
         now = time.monotonic()
-        lease = self._leases.get(key)
-        if lease is None:
-            if len(self._leases) >= MAX_LEASES:
-                self._leases.clear()
-            lease = self._leases[key] = _Lease()
-        if lease.tokens > 0 and lease.until > now:
-            lease.tokens -= 1
-            return Decision(
-                True, limit, window_s, lease.remaining + lease.tokens, lease.reset_at - now, group
-            )
-        back, lease.tokens = lease.tokens, 0
-        if back:  # lapsed unspent: give the tokens back, ask for fewer
-            lease.size = max(1, lease.size // 2)
-        elif lease.until:  # spent: a busy subject, ask for more
-            lease.size = min(lease.size * 2, max(1, limit // 10))
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                if len(self._leases) >= MAX_LEASES:
+                    self._leases.clear()
+                lease = self._leases[key] = _Lease()
+            if lease.tokens > 0 and lease.until > now:
+                lease.tokens -= 1
+                return Decision(
+                    True,
+                    limit,
+                    window_s,
+                    lease.remaining + lease.tokens,
+                    lease.reset_at - now,
+                    group,
+                )
+            back, lease.tokens = lease.tokens, 0
+            if lease.pending:  # another caller is refilling this lease: no growth on top
+                pass
+            elif back:  # lapsed unspent: give the tokens back, ask for fewer
+                lease.size = max(1, lease.size // 2)
+            elif lease.until:  # spent: a busy subject, ask for more
+                lease.size = min(lease.size * 2, max(1, limit // 10))
+            lease.pending += 1
+            size = lease.size
         try:
             if self._script is None or self._script[0] is not client:
                 self._script = (client, client.register_script(_GCRA))
             granted, remaining, reset_ms = self._script[1](
-                keys=[key], args=[limit, int(window_s * 1000), lease.size, back]
+                keys=[key], args=[limit, int(window_s * 1000), size, back]
             )
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("rate limiting skipped, redis unavailable: %s", type(exc).__name__)
-            return None
-        reset_s = int(reset_ms) / 1000
-        if not granted:
-            lease.until = now
-            return Decision(False, limit, window_s, 0, reset_s, group)
-        lease.tokens = int(granted) - 1
-        lease.until = now + min(1.0, max(0.05, window_s / 10))
-        lease.remaining = int(remaining)
-        lease.reset_at = now + reset_s
-        return Decision(True, limit, window_s, lease.remaining + lease.tokens, reset_s, group)
+            granted = None
+        reset_s = int(reset_ms) / 1000 if granted is not None else 0.0
+        with self._lock:
+            lease.pending -= 1
+            if granted is None:
+                return None
+            if not granted:
+                lease.until = now
+                return Decision(False, limit, window_s, 0, reset_s, group)
+            # added, not set: other callers may have taken tokens meanwhile, and every token
+            # taken from Redis must be spent or given back
+            lease.tokens += int(granted) - 1
+            lease.until = now + min(1.0, max(0.05, window_s / 10))
+            lease.remaining = int(remaining)
+            lease.reset_at = now + reset_s
+            return Decision(True, limit, window_s, lease.remaining + lease.tokens, reset_s, group)

@@ -4,7 +4,7 @@ With BENCH_LOTS lots loaded (COPY into PostgreSQL, then a Redis refill), in one 
 
 1. throughput at saturation (BENCH_CONCURRENCY closed-loop clients, BENCH_SECONDS each) of
    - the floor: ``GET /v1/lots/_ping``, a constant answer of the availability service behind the
-     same gateway, gunicorn workers and Flask hooks,
+     same gateway, gunicorn workers and WSGI layer as lot detail (services.availability.fastpath),
    - lot detail ``GET /v1/lots/{id}`` of random lots,
    - nearby search ``GET /v1/lots?lat&lon`` (1 km, 20 results) at random points among the lots,
    printing requests/s, p50/p99 and the ratio to the floor;

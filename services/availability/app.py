@@ -28,4 +28,7 @@ def create_app(settings: AvailabilitySettings | None = None) -> OpenAPI:
     from services.availability import city
 
     app.register_api(city.bp)
+    from services.availability.fastpath import FastLots
+
+    app.wsgi_app = FastLots(app, app.wsgi_app)  # type: ignore[method-assign]
     return app

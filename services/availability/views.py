@@ -286,12 +286,6 @@ def lot_stream(path: LotIdPath) -> Response:
     return response
 
 
-def floor() -> Response:
-    """A constant answer through the same stack: the framework's floor for benchmarks."""
-    return json_response({"ok": True})
-
-
 def init_app(app: Flask) -> None:
-    """Register the routes (and the benchmark floor, kept out of the OpenAPI document)."""
-    app.add_url_rule("/v1/lots/_ping", "availability_floor", floor)
+    """Register the routes (the benchmark floor is answered by services.availability.fastpath)."""
     app.register_api(bp)  # type: ignore[attr-defined]

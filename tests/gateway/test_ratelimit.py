@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import redis
@@ -61,3 +62,20 @@ def test_remaining_counts_down_exactly(redis_client: redis.Redis) -> None:
         assert decision is not None
         seen.append((decision.allowed, decision.remaining))
     assert seen == [(True, 4), (True, 3), (True, 2), (True, 1), (True, 0), (False, 0)]
+
+
+def test_concurrent_callers_share_leases_exactly(redis_client: redis.Redis) -> None:
+    limits = {"lookups": (300, 60.0), "default": (10, 1.0)}
+    workers = [RateLimiter(limits) for _ in range(2)]
+    subject = f"ip:{uuid.uuid4()}"
+    counts: list[int] = []
+
+    def caller(k: int) -> None:
+        counts.append(_admitted([workers[k % 2]], redis_client, subject, 125))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(counts) == 8 and sum(counts) == 300  # 1000 tries, exactly the limit admitted

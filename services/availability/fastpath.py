@@ -1,0 +1,98 @@
+"""``GET /v1/lots/{id}`` as a plain WSGI callable in front of the Flask app.
+
+Lot detail is what drivers' apps poll, and most of its CPU went to the framework around it:
+Flask's request context, URL matching and hooks, flask-openapi3 building a path model, werkzeug's
+request and response objects. This path does only what the route needs, with the same code
+underneath (``ReadPath.detail``: Redis first, PostgreSQL when Redis lacks the lot or is down),
+the request id and the request metrics.
+
+It answers only a lot it found. Anything else (an id that is not a UUID, an unknown lot, other
+methods and routes) goes to the Flask app, which answers as it always has, so the problems a
+client can get are the Flask route's. An error underneath is answered by the app's own error
+handlers (503 for an outage, ...).
+
+The benchmarks' floor, ``GET /v1/lots/_ping`` (a constant answer, kept out of the OpenAPI
+document), is answered here too, so the ratio of lot detail to the floor measures the route's
+own work on top of the same gateway, gunicorn worker and WSGI layer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask
+from werkzeug.http import HTTP_STATUS_CODES
+
+from services.availability.readpath import ReadPath
+from services.common import logs
+from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER, dumps
+from services.common.metrics import ERRORS, REQUESTS
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+PREFIX = "/v1/lots/"
+FLOOR_PATH = "/v1/lots/_ping"
+FLOOR_BODY = b'{"ok":true}'
+_JSON = ("Content-Type", "application/json")
+
+
+class FastLots:
+    """WSGI middleware: answers lot detail of a known lot and the floor, hands the rest on."""
+
+    def __init__(self, app: Flask, wsgi_app: WSGIApp) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.lookups: ReadPath = app.extensions["availability"]
+        self.service = app.config["PARKING_SETTINGS"].service_name
+        self.route = next(
+            r.rule for r in app.url_map.iter_rules() if r.endpoint == "availability.lot_detail"
+        )
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("PATH_INFO", "")
+        if (
+            environ.get("REQUEST_METHOD") != "GET"
+            or not path.startswith(PREFIX)
+            or "/" in path[len(PREFIX) :]
+        ):
+            return self.wsgi_app(environ, start_response)
+        started = time.perf_counter()
+        rid = environ.get("HTTP_X_REQUEST_ID", "")
+        if not _REQUEST_ID_OK.match(rid):
+            rid = uuid.uuid4().hex
+        if path == FLOOR_PATH:
+            REQUESTS.labels(self.service, "GET", FLOOR_PATH, "200").observe(
+                time.perf_counter() - started
+            )
+            start_response("200 OK", [_JSON, ("Content-Length", "11"), (REQUEST_ID_HEADER, rid)])
+            return [FLOOR_BODY]
+        try:
+            lot_id = str(uuid.UUID(path[len(PREFIX) :]))
+        except ValueError:
+            return self.wsgi_app(environ, start_response)
+        token = logs.request_id_var.set(rid)
+        try:
+            found = self.lookups.detail(lot_id, datetime.now(UTC))
+            if found is None:
+                return self.wsgi_app(environ, start_response)  # the route's own 404
+            body = dumps(found[1])
+            status, headers = 200, [_JSON, ("Content-Length", str(len(body)))]
+        except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
+            with self.app.request_context(environ):
+                response = self.app.make_response(self.app.handle_user_exception(exc))
+                status, body = response.status_code, response.get_data()
+                headers = list(response.headers.items())
+        finally:
+            logs.request_id_var.reset(token)
+        headers.append((REQUEST_ID_HEADER, rid))
+        REQUESTS.labels(self.service, "GET", self.route, str(status)).observe(
+            time.perf_counter() - started
+        )
+        if status >= 500:
+            ERRORS.labels(self.service, self.route).inc()
+        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
+        return [body]
