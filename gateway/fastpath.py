@@ -39,6 +39,7 @@ _DROP = frozenset(
     {
         "HTTP_AUTHORIZATION",
         "HTTP_CONNECTION",
+        "HTTP_EXPECT",  # answered here (100-continue); the body is forwarded whole
         "HTTP_KEEP_ALIVE",
         "HTTP_TE",
         "HTTP_TRAILER",

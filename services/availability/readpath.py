@@ -45,7 +45,7 @@ from services.availability.domain import (
 from services.availability.settings import ReadPathSettings
 from services.common import livestate, reserved
 from services.common.db import Database
-from services.common.redis import connect
+from services.common.redis import ScriptRunner, connect
 
 log = logging.getLogger("parking.availability")
 
@@ -328,7 +328,7 @@ class ReadPath:
     def _read_script(self, client: redis.Redis) -> Any:
         script = self._scripts.get(id(client))
         if script is None:
-            script = self._scripts[id(client)] = client.register_script(_READ)
+            script = self._scripts[id(client)] = ScriptRunner(client, _READ)
         return script
 
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:

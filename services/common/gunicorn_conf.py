@@ -15,7 +15,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "2000"))
 threads = int(os.environ.get("GUNICORN_THREADS", "1"))
-keepalive = 75
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 timeout = 30
 graceful_timeout = 20
 max_requests = 0
@@ -34,6 +34,7 @@ def _problem_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     code = {
         400: "bad-request",
         403: "forbidden",
+        413: "payload-too-large",
         414: "uri-too-long",
         431: "header-fields-too-large",
     }.get(status_int, "bad-request")
