@@ -25,7 +25,7 @@ from gateway.auth import Authenticator
 from gateway.proxy import Upstream
 from gateway.ratelimit import RateLimiter
 from services.common import logs
-from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, sign
+from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, Principal, sign
 from services.common.config import GatewaySettings
 from services.common.errors import PROBLEM_JSON, Problem
 from services.common.metrics import ERRORS, REQUESTS
@@ -59,6 +59,7 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "no-referrer"),
     ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
 ]
+MAX_SIGNATURES = 50_000  # principals remembered per worker before the table is cleared
 CORS_EXPOSE = "X-Request-ID, RateLimit, RateLimit-Policy, Retry-After, Location"
 
 
@@ -82,6 +83,7 @@ class Proxy:
         self.redis_client = redis_client
         self.upstreams = upstreams
         self.secret = settings.internal_secret.get_secret_value().encode()
+        self._signatures: dict[str, str] = {}
         self.max_body = settings.max_body_bytes
         self.origins = frozenset(settings.cors_origins)
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
@@ -187,7 +189,7 @@ class Proxy:
         headers["X-Request-ID"] = rid
         headers["X-Forwarded-For"] = addr
         headers[PRINCIPAL_HEADER] = principal.header
-        headers[SIGNATURE_HEADER] = sign(self.secret, principal)
+        headers[SIGNATURE_HEADER] = self._signature(principal)
         target = quote(path.encode("latin-1"), safe=_PATH_SAFE) + ("?" + qs if qs else "")
         upstream = self.upstreams[route.service].forward(
             method, target, headers, body, streaming=route.streaming
@@ -199,6 +201,15 @@ class Proxy:
             return route, upstream.status, out, upstream.chunks
         out.append(("Content-Length", str(len(upstream.body or b""))))
         return route, upstream.status, out, [upstream.body or b""]
+
+    def _signature(self, principal: Principal) -> str:
+        """The principal's signature, computed once per principal (an HMAC per request adds up)."""
+        signature = self._signatures.get(principal.header)
+        if signature is None:
+            if len(self._signatures) >= MAX_SIGNATURES:
+                self._signatures.clear()
+            signature = self._signatures[principal.header] = sign(self.secret, principal)
+        return signature
 
     def _client_address(self, environ: dict[str, Any]) -> str:
         """The peer, or the client a trusted proxy names as the last X-Forwarded-For hop."""

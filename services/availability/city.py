@@ -22,6 +22,7 @@ from flask import Response, request
 from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.availability.domain import EARLIEST, LATEST
 from services.common import livestate
 from services.common.app import dumps, get_db, get_redis, json_response, settings_of
 from services.common.auth import current_principal, require
@@ -50,8 +51,6 @@ DEFAULT_RANGE = {"1m": timedelta(hours=1), "15m": timedelta(days=1), "1h": timed
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:?\d{2})?$"
 )
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(2100, 1, 1, tzinfo=UTC)
 STEP = {"1m": timedelta(minutes=1), "15m": timedelta(minutes=15), "1h": timedelta(hours=1)}
 
 

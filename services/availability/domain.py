@@ -18,6 +18,10 @@ import orjson
 
 from services.common.lots import is_open
 
+# Times a client may name: outside these, datetime arithmetic would overflow (a 422, not a 500).
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+
 # The radius Redis GEO uses, so distances from either path agree with the geo index.
 EARTH_RADIUS_M = 6372797.560856
 # Redis stores positions as 52-bit geohashes (sub-metre error): search it with this margin and

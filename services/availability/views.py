@@ -17,7 +17,7 @@ from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.availability import repository, stream
-from services.availability.domain import decode_cursor, encode_cursor
+from services.availability.domain import EARLIEST, LATEST, decode_cursor, encode_cursor
 from services.availability.readpath import NearbyQuery, ReadPath
 from services.common.app import json_response
 from services.common.errors import Problem, not_found, validation_problem
@@ -71,6 +71,13 @@ class HistoryParams(BaseModel):
             return value
         if not isinstance(value, str) or not RFC3339.match(value):
             raise ValueError("give an RFC 3339 time with a time zone offset")
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _bounded(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not EARLIEST <= value <= LATEST:
+            raise ValueError("give a time between 2000 and 2100")
         return value
 
 

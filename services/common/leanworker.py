@@ -29,6 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -78,7 +79,7 @@ class _Connection:
 
     def __init__(self, worker: LeanWorker, client: Any, addr: Any, server: tuple[str, str]):
         self.worker = worker
-        self.cfg = worker.cfg
+        self.limits = worker.limits
         self.client = client
         self.addr = addr
         self.server = server
@@ -96,15 +97,15 @@ class _Connection:
     def on_url(self, url: bytes) -> None:
         assert self.current is not None
         self.current.url += url
-        if len(self.current.url) > self.cfg.limit_request_line > 0:
+        if len(self.current.url) > self.limits.request_line > 0:
             raise _Refused(414, "Request-URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.current is not None
         headers = self.current.headers
-        if len(headers) >= self.cfg.limit_request_fields:
+        if len(headers) >= self.limits.fields:
             raise _Refused(431, "Request Header Fields Too Large")
-        if len(name) + len(value) + 2 > self.cfg.limit_request_field_size > 0:
+        if len(name) + len(value) + 2 > self.limits.field_size > 0:
             raise _Refused(431, "Request Header Fields Too Large")
         headers.append((name, value))
 
@@ -155,10 +156,8 @@ class _Connection:
 
     def _next_request(self) -> _Request | None:
         """The next whole request, or None when the client is gone, idle too long or refused."""
-        deadline = time.monotonic() + self.cfg.keepalive
-        limit_head = self.cfg.limit_request_line + self.cfg.limit_request_fields * (
-            self.cfg.limit_request_field_size or 8190
-        )
+        deadline = time.monotonic() + self.limits.keepalive
+        limit_head = self.limits.head
         while not self.ready:
             if self.upgrade:
                 return None
@@ -226,7 +225,7 @@ class _Connection:
             "wsgi.input_terminated": True,
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": True,
-            "wsgi.multiprocess": self.cfg.workers > 1,
+            "wsgi.multiprocess": self.limits.multiprocess,
             "wsgi.run_once": False,
             "gunicorn.socket": self.client,
         }
@@ -343,8 +342,34 @@ class _Connection:
         return bool(state["keep"])
 
 
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """gunicorn's settings this loop reads per request, read once (its ``cfg`` is slow)."""
+
+    request_line: int
+    fields: int
+    field_size: int
+    keepalive: float
+    multiprocess: bool
+
+    @property
+    def head(self) -> int:
+        return self.request_line + self.fields * (self.field_size or 8190)
+
+
 class LeanWorker(GeventWorker):
     """gunicorn's gevent worker with the lean HTTP/1.1 loop above per connection."""
+
+    def init_process(self) -> None:
+        cfg = self.cfg
+        self.limits = _Limits(
+            cfg.limit_request_line,
+            cfg.limit_request_fields,
+            cfg.limit_request_field_size,
+            float(cfg.keepalive),
+            cfg.workers > 1,
+        )
+        super().init_process()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(1)

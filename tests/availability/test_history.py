@@ -86,6 +86,13 @@ def test_history_lists_the_lots_buckets_in_the_window(
         {"from": "2026-01-01T00:00:00Z", "to": "2026-01-04T00:00:00Z", "interval": "1m"},
         {"from": "2026-01-01T00:00:00Z", "to": "2026-03-01T00:00:00Z", "interval": "15m"},
         {"from": "2024-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z", "interval": "1h"},
+        # extreme times: the default span or UTC conversion would overflow datetime
+        {"to": "0001-01-01T00:30:00Z"},
+        {"to": "9999-12-31T23:00:00-05:00"},
+        {"from": "0001-01-01T00:00:00+01:00"},
+        {"from": "9999-12-31T23:59:59Z"},
+        {"from": "1999-12-31T23:00:00Z", "to": "2000-01-01T01:00:00Z"},
+        {"from": "2099-12-31T23:00:00Z", "to": "2100-01-01T01:00:00Z"},
     ],
 )
 def test_bad_history_parameters_are_422_problems(
@@ -94,6 +101,9 @@ def test_bad_history_parameters_are_422_problems(
     resp = anonymous.get(f"/v1/lots/{lot_with_buckets[0]}/history", params=params)
     assert resp.status_code == 422, resp.text
     assert resp.headers["Content-Type"] == PROBLEM and resp.json()["errors"]
+    body = resp.json()
+    assert body["code"] == "validation"
+    assert all(set(e) == {"loc", "msg"} and e["loc"] and e["msg"] for e in body["errors"])
 
 
 def test_history_of_an_unknown_lot_is_404(anonymous: Client) -> None:

@@ -95,13 +95,17 @@ def test_no_capacity_exactly_when_some_instant_would_exceed_the_quota(
     assert attempt(9, 10) == 201  # touches [10, 12) without overlapping
     assert attempt(15, 16) == 201
     assert attempt(8, 17) == 409  # 2 at 11:00
-    # A window long enough to span all of them but never over 2 at once is accepted elsewhere:
+    # Back-to-back windows never overlap, so a quota of 1 accepts every one of them (drivers
+    # with no reservations yet, so the open-reservation limit plays no part); one overlapping
+    # them is refused:
     other = make_lot(reservable={"standard": 1})
+    fresh = [new_driver() for _ in range(2)]
+    base = hour(0)
     for start in range(0, 6):
-        assert reserve(drivers[start % 2], other, hour(start), hour(start + 1)).status_code in (
-            201,
-            409,
-        )
+        resp = reserve(fresh[start % 2], other, hour(start, base), hour(start + 1, base))
+        assert resp.status_code == 201, resp.text
+    overlapping = reserve(fresh[0], other, hour(2.5, base), hour(3.5, base))
+    assert overlapping.status_code == 409 and overlapping.json()["code"] == "no-capacity"
 
 
 def test_quota_zero_or_missing_is_no_capacity(
