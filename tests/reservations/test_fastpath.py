@@ -7,6 +7,7 @@ with its body intact, and the answers match the Flask route's.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -18,9 +19,9 @@ import pytest
 from werkzeug.test import Client
 
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, Principal, sign
+from services.common.config import ReservationsSettings
 from services.common.lots import LotIn
 from services.ingestion.registry import create_lot
-from services.reservations import booking
 from services.reservations.fastpath import FastReserve
 
 START = (datetime.now(UTC) + timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
@@ -208,18 +209,23 @@ def test_anything_else_is_answered_by_the_flask_route(
 
 
 def test_an_outage_is_answered_by_the_apps_error_handlers(
-    apps: tuple[Client, Client, Counting],
-    driver: dict[str, str],
-    lot_id: str,
-    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str], driver: dict[str, str], lot_id: str
 ) -> None:
-    fast, _, counting = apps
+    from services.reservations.app import create_app
 
-    def down(*args: Any, **kwargs: Any) -> Any:
-        raise psycopg.OperationalError("connection refused")
-
-    monkeypatch.setattr(booking, "reserve", down)
-    answer = post(fast, driver, orjson.dumps(body(lot_id)), **{"Idempotency-Key": uuid.uuid4().hex})
+    with socket.socket() as s:  # a port with no PostgreSQL behind it: a real refused connection
+        s.bind(("127.0.0.1", 0))
+        dead = f"postgresql://postgres@127.0.0.1:{s.getsockname()[1]}/parking"
+    app = create_app(
+        ReservationsSettings.model_validate({"DATABASE_URL": dead, "PARKING_DB_POOL_TIMEOUT": 1.0})
+    )
+    fast = app.wsgi_app
+    assert isinstance(fast, FastReserve)
+    counting = Counting(fast.wsgi_app)
+    fast.wsgi_app = counting
+    answer = post(
+        Client(fast), driver, orjson.dumps(body(lot_id)), **{"Idempotency-Key": uuid.uuid4().hex}
+    )
     assert answer.status_code == 503
     assert answer.get_json()["code"] == "unavailable"
     assert answer.headers["Retry-After"] == "1"
