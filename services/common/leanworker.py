@@ -14,9 +14,11 @@ deadline for a request's head to arrive (slow clients are cut off); ``limit_requ
 ``limit_request_fields`` and ``limit_request_field_size`` (431); header names with underscores
 dropped (they would alias real headers in the environ); malformed requests refused (400) and the
 connection closed; ``Expect: 100-continue``; pipelined requests answered in order; HTTP/1.0;
-``HEAD``; ``max_requests``. A request body is read whole before the app runs, at most
-``LEAN_MAX_BODY_BYTES`` (default 4 MiB, above every route's own limit), else 413. Refusals are
-written by ``gunicorn.util.write_error``, which gunicorn_conf makes problem+json.
+``HEAD``; ``max_requests``. On shutdown, connections idle between requests close within a
+second (busy ones finish their answer first), so a graceful stop does not wait out clients'
+keep-alive. A request body is read whole before the app runs, at most ``LEAN_MAX_BODY_BYTES``
+(default 4 MiB, above every route's own limit), else 413. Refusals are written by
+``gunicorn.util.write_error``, which gunicorn_conf makes problem+json.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from gunicorn.workers.ggevent import GeventWorker
 MAX_BODY = int(os.environ.get("LEAN_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 _RECV = 65536
 LINGER_S, LINGER_BYTES = 2.0, 64 * 1024 * 1024
+IDLE_CHECK_S = 1.0  # how often a connection waiting for its next request looks for shutdown
 _NO_BODY = frozenset({204, 304})
 _QUIET = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 _date: list[Any] = [0, b""]
@@ -164,10 +167,14 @@ class _Connection:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
+            if self.current is None and not self.worker.alive:
+                return None  # idle between requests while the worker shuts down: close now
             data = None
-            with gevent.Timeout(left, False):
+            with gevent.Timeout(min(left, IDLE_CHECK_S), False):
                 data = self.client.recv(_RECV)
-            if not data:  # timed out (None) or closed by the client (b"")
+            if data is None:
+                continue  # a slice of the wait passed: look at the deadline and the worker
+            if not data:  # closed by the client
                 return None
             if self.current is None or not self.current.method:
                 self.head_bytes += len(data)

@@ -222,3 +222,10 @@ def test_a_head_that_never_ends_is_cut_off_at_the_keepalive(
         started = time.monotonic()
         assert _closed(sock)
         assert 1.5 <= time.monotonic() - started < 5
+        with _connect(slow) as idle:  # a client keeping its connection open does not hold up
+            idle.sendall(PING)  # a graceful stop: the idle connection is closed at once
+            _read_answer(idle)
+            started = time.monotonic()
+            slow.stop("gateway")
+            assert time.monotonic() - started < 8  # gunicorn's graceful timeout is 20 s
+            assert _closed(idle)
