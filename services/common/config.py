@@ -139,7 +139,15 @@ class WorkerSettings(CommonSettings):
     bucket_1h_retention_days: int = Field(730, ge=1)
     reconcile_every_s: float = Field(60.0, gt=0)
     drift_threshold: int = Field(0, ge=0, description="gate drift above this is reported")
-    metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics endpoint")
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of the worker's (or beat's) /metrics, /healthz and /readyz; 0: none",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address that endpoint binds (0.0.0.0 in a pod, for the kubelet)"
+    )
     webhook_scan_every_s: float = Field(5.0, gt=0)
     district_snapshot_every_s: float = Field(300.0, gt=0)
     webhook_timeout_s: float = Field(5.0, gt=0)

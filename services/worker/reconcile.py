@@ -32,15 +32,20 @@ from services.ingestion import registry
 
 log = logging.getLogger("parking.worker.reconcile")
 
+# Any pool process may run a pass: the gauges export the latest pass's values, whichever process
+# ran it (a lot deleted since keeps its last value until the worker restarts).
 GATE_DRIFT = Gauge(
     "parking_gate_drift",
     "latest count snapshot minus what the gate events implied before it",
     ["lot_id", "space_type"],
+    multiprocess_mode="mostrecent",
 )
 REDIS_REPAIRS = Counter("parking_reconcile_redis_repairs_total", "lots rewritten in Redis")
 TOTAL_REPAIRS = Counter("parking_reconcile_total_repairs_total", "district/city totals rewritten")
 PG_MISMATCHES = Gauge(
-    "parking_reconcile_pg_mismatches", "lots whose stored counts disagree with the event log"
+    "parking_reconcile_pg_mismatches",
+    "lots whose stored counts disagree with the event log",
+    multiprocess_mode="mostrecent",
 )
 
 
@@ -146,7 +151,9 @@ def recompute_counts(
     whose snapshot is older than ``retained_since``, the event retention, are not checked)."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        cur.execute("SET LOCAL statement_timeout = '120s'")
+        # under the tasks' soft time limit (celery_app.py), which stops the task, not the
+        # statement: this is what ends the statement in PostgreSQL
+        cur.execute("SET LOCAL statement_timeout = '80s'")
         cur.execute(_RECOMPUTE, {"retained_since": retained_since})
         return [r for r in cur.fetchall() if r["stored"] != r["recomputed"]]
 
@@ -155,7 +162,7 @@ def gate_drift(conn: psycopg.Connection[Any]) -> list[Drift]:
     """For every gate lot and type with two snapshots: the latest against the gates' count."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        cur.execute("SET LOCAL statement_timeout = '120s'")
+        cur.execute("SET LOCAL statement_timeout = '80s'")
         cur.execute(_DRIFT)
         return [
             Drift(

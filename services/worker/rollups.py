@@ -303,7 +303,9 @@ def compute_minutes(
     # One consistent snapshot: the current state and the log must agree with each other.
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        cur.execute("SET LOCAL statement_timeout = '120s'")
+        # under the tasks' soft time limit (celery_app.py), which stops the task, not the
+        # statement: this is what ends the statement in PostgreSQL
+        cur.execute("SET LOCAL statement_timeout = '80s'")
         lots = _load_lots(cur, start, end)
         _load_space_states(cur, lots, start)
         _load_gate_counts(cur, lots, start)
@@ -413,7 +415,7 @@ def write_buckets(conn: psycopg.Connection[Any], buckets: list[Bucket]) -> None:
     first = min(b.bucket for b in buckets)
     last = max(b.bucket for b in buckets)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SET LOCAL statement_timeout = '120s'")
+        cur.execute("SET LOCAL statement_timeout = '80s'")
         cur.executemany(
             _UPSERT,
             [
@@ -449,6 +451,21 @@ def recompute(
     conn: psycopg.Connection[Any], *, start: datetime, end: datetime, chunk_minutes: int = 60
 ) -> int:
     """Recompute every bucket of ``[start, end)``, committing a chunk of minutes at a time."""
+    written, _ = recompute_until(conn, start=start, end=end, chunk_minutes=chunk_minutes)
+    return written
+
+
+def recompute_until(
+    conn: psycopg.Connection[Any],
+    *,
+    start: datetime,
+    end: datetime,
+    deadline: float | None = None,
+    chunk_minutes: int = 60,
+) -> tuple[int, datetime]:
+    """``recompute``, stopping after the first chunk that ends past ``deadline`` (a
+    ``time.monotonic()`` instant): the buckets written and the minute it got to (the end of
+    the range, rounded up to a minute, when it finished)."""
     start, end = floor_to(start, MINUTE), ceil_to(end, MINUTE)
     written = 0
     chunk = max(1, chunk_minutes) * MINUTE
@@ -459,7 +476,9 @@ def recompute(
         write_buckets(conn, buckets)
         written += len(buckets)
         cursor = upto
-    return written
+        if deadline is not None and time.monotonic() >= deadline:
+            break  # after a whole chunk: every call makes progress
+    return written, min(cursor, end)
 
 
 def _merge(ranges: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
@@ -500,12 +519,16 @@ def rollup_recent(
     late_margin_s: float = 120.0,
     oldest: datetime | None = None,
     lock_wait_s: float = 5.0,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """Bring the buckets up to date: every complete minute since the last run (at least the
     last ``lookback_minutes``), and every older minute a late event arrived for since the
     previous high-water mark (less a margin for transactions that committed late).
 
-    When another rollup is running it does this work already: the call returns at once."""
+    When another rollup is running it does this work already: the call returns at once. Past
+    ``deadline`` (``time.monotonic()``) it stops after the chunk it is on and records how far
+    it got, so the next run carries on from there (a run stopped among the late minutes, which
+    come first, records nothing: the next one finds the same late events again)."""
     try:
         return _rollup_recent(
             conn,
@@ -515,6 +538,7 @@ def rollup_recent(
             late_margin_s=late_margin_s,
             oldest=oldest,
             lock_wait_s=lock_wait_s,
+            deadline=deadline,
         )
     except RollupBusy:
         return {"skipped": "another rollup is running"}
@@ -529,6 +553,7 @@ def _rollup_recent(
     late_margin_s: float,
     oldest: datetime | None,
     lock_wait_s: float,
+    deadline: float | None,
 ) -> dict[str, Any]:
     with rollup_lock(conn, timeout_s=lock_wait_s):
         row = conn.execute("SELECT now()").fetchone()
@@ -562,19 +587,27 @@ def _rollup_recent(
         ranges = list(late)
         if new_start < complete_end:
             ranges.append((new_start, complete_end))
+        reached = complete_end
         for start, end in _merge(ranges):
-            written += recompute(conn, start=start, end=end)
-        conn.execute(
-            "INSERT INTO rollup_state (name, last_minute, high_water, updated_at)"
-            " VALUES (%s, %s, %s, now()) ON CONFLICT (name) DO UPDATE SET"
-            " last_minute = greatest(rollup_state.last_minute, EXCLUDED.last_minute),"
-            " high_water = greatest(rollup_state.high_water, EXCLUDED.high_water),"
-            " updated_at = now()",
-            (STATE_NAME, complete_end - MINUTE, mark),
-        )
+            n, upto = recompute_until(conn, start=start, end=end, deadline=deadline)
+            written += n
+            if upto < end:
+                reached = upto
+                break
+        # Ranges go oldest first, so every minute before ``reached`` is done; past new_start
+        # that is the new minutes' progress (late events after it are in the next new range).
+        if reached >= new_start:
+            conn.execute(
+                "INSERT INTO rollup_state (name, last_minute, high_water, updated_at)"
+                " VALUES (%s, %s, %s, now()) ON CONFLICT (name) DO UPDATE SET"
+                " last_minute = greatest(rollup_state.last_minute, EXCLUDED.last_minute),"
+                " high_water = greatest(rollup_state.high_water, EXCLUDED.high_water),"
+                " updated_at = now()",
+                (STATE_NAME, reached - MINUTE, mark),
+            )
     return {
         "written": written,
         "late_events": len(late),
         "from": new_start.isoformat(),
-        "to": complete_end.isoformat(),
+        "to": reached.isoformat(),
     }

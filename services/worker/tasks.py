@@ -7,6 +7,7 @@ dies is delivered again and simply runs again).
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,8 +15,8 @@ import psycopg
 import redis
 import urllib3
 from celery import shared_task
-from celery.signals import worker_process_init
 
+from services.common.celery_app import TASK_SOFT_TIME_LIMIT_S
 from services.common.redis import RedisClient
 from services.worker import maintenance, rollups, webhooks
 from services.worker import reconcile as reconciliation
@@ -24,6 +25,9 @@ from services.worker.app import db, settings
 log = logging.getLogger("parking.worker")
 TRANSIENT = (OSError, psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
 live = RedisClient(settings)
+# Long recomputations stop at a chunk boundary after this long, well before the soft time
+# limit, and carry on where they stopped: the next tick (rollups) or a follow-up task (ranges).
+WORK_BUDGET_S = TASK_SOFT_TIME_LIMIT_S / 2
 _http: urllib3.PoolManager | None = None
 
 
@@ -32,18 +36,6 @@ def http() -> urllib3.PoolManager:
     if _http is None:
         _http = urllib3.PoolManager(num_pools=32, maxsize=8)
     return _http
-
-
-@worker_process_init.connect
-def _serve_metrics(**_: object) -> None:
-    """The reconciliation gauges, on a port of their own (the worker has no HTTP server)."""
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(settings.metrics_port, addr="127.0.0.1")
-        except OSError:
-            log.warning("metrics port in use", extra={"port": settings.metrics_port})
 
 
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5)
@@ -87,12 +79,14 @@ def prune_buckets() -> dict[str, int]:
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5)
 def rollup_recent() -> dict[str, Any]:
     """Bring the 1-minute, 15-minute and 1-hour buckets up to date, late events included."""
+    deadline = time.monotonic() + WORK_BUDGET_S
     with db.connection() as conn:
         result = rollups.rollup_recent(
             conn,
             lookback_minutes=settings.rollup_lookback_minutes,
             max_backfill_minutes=settings.rollup_max_backfill_minutes,
             oldest=datetime.now(UTC) - timedelta(days=settings.bucket_1m_retention_days),
+            deadline=deadline,
         )
     log.info("rollup", extra=result)
     return result
@@ -100,12 +94,24 @@ def rollup_recent() -> dict[str, Any]:
 
 @shared_task(autoretry_for=(*TRANSIENT, rollups.RollupBusy), retry_backoff=True, max_retries=5)
 def rollup_range(start: str, end: str) -> int:
-    """Recompute every bucket of ``[start, end)`` (RFC 3339), e.g. after a backfill."""
-    with db.connection() as conn, rollups.rollup_lock(conn):
-        written = rollups.recompute(
-            conn, start=datetime.fromisoformat(start), end=datetime.fromisoformat(end)
+    """Recompute every bucket of ``[start, end)`` (RFC 3339), e.g. after a backfill; a range
+    longer than one task's time budget is finished by follow-up tasks."""
+    deadline = time.monotonic() + WORK_BUDGET_S
+    # a busy lock is retried with backoff rather than waited for against the time limit
+    with db.connection() as conn, rollups.rollup_lock(conn, timeout_s=WORK_BUDGET_S / 2):
+        written, reached = rollups.recompute_until(
+            conn,
+            start=datetime.fromisoformat(start),
+            end=datetime.fromisoformat(end),
+            deadline=deadline,
         )
-    log.info("rollup range", extra={"start": start, "end": end, "written": written})
+    if reached < datetime.fromisoformat(end):
+        # the minutes before ``reached`` are committed: the rest is a task of its own
+        rollup_range.delay(reached.isoformat(), end)
+    log.info(
+        "rollup range",
+        extra={"start": start, "end": end, "written": written, "reached": reached.isoformat()},
+    )
     return written
 
 

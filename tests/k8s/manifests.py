@@ -294,8 +294,8 @@ def procfile() -> dict[str, list[str]]:
 
 
 @cache
-def celery_default_queue() -> str:
-    """The Redis list Celery's workers consume, from the app factory itself."""
+def celery_conf() -> Any:
+    """The configuration Celery's app factory gives the worker and beat (no broker is asked)."""
     from services.common.celery_app import make_celery
     from services.common.config import CommonSettings
 
@@ -305,4 +305,9 @@ def celery_default_queue() -> str:
         internal_secret=SecretStr("x" * 16),
         jwt_secret=SecretStr("x" * 32),
     )
-    return str(make_celery("parking", settings).conf.task_default_queue)
+    return make_celery("parking", settings).conf
+
+
+def celery_default_queue() -> str:
+    """The Redis list Celery's workers consume, from the app factory itself."""
+    return str(celery_conf().task_default_queue)

@@ -11,13 +11,17 @@ from typing import Any
 import pytest
 
 from services.common import gunicorn_conf
+from services.common.config import CommonSettings, WorkerSettings
 from tests.k8s.kustomize import split_image
 from tests.k8s.manifests import (
     INTERNAL_SERVICES,
     KUSTOMIZATIONS,
     ROOT,
     Obj,
+    celery_conf,
+    container_env,
     containers,
+    field_env_names,
     is_parking,
     named,
     of_kind,
@@ -30,11 +34,9 @@ from tests.k8s.manifests import (
     workloads,
 )
 
-# Processes that serve no HTTP, so no /healthz or /readyz: their probes are commands (see the
-# comments in k8s/base/worker.yaml and beat.yaml).
-NOT_HTTP = {"worker", "beat"}
-# Worst case of a Celery task being cut off is a redelivery (acks_late); give warm shutdown time.
-WORKER_GRACE_S = 60
+CELERY = ["celery", "-A", "services.worker.app"]
+# After the last task ends, a warm shutdown still closes its connections and exits.
+SHUTDOWN_MARGIN_S = 10
 
 
 def _containers() -> list[Any]:
@@ -104,7 +106,7 @@ def test_probes(workload: Obj, container: Obj) -> None:
         assert workload["spec"]["activeDeadlineSeconds"] > 0
         return
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
-    if is_parking(container) and workload["metadata"]["name"] not in NOT_HTTP:
+    if is_parking(container):
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert readiness["httpGet"]["path"] == "/readyz"
         assert liveness["httpGet"]["path"] == "/healthz"
@@ -169,8 +171,35 @@ def test_graceful_shutdown_fits_the_grace_period(workload: Obj, container: Obj) 
         assert pre_stop[0] == "sleep", "stop only once the endpoint is out of every proxy"
         needed = int(pre_stop[1]) + gunicorn_conf.graceful_timeout
         assert grace >= needed + 5, f"{grace} s < preStop + graceful_timeout ({needed} s) + 5"
-    elif command[:4] == ["celery", "-A", "services.worker.app", "worker"]:
-        assert grace >= WORKER_GRACE_S
+    elif command[:4] == [*CELERY, "worker"]:
+        longest = _longest_task_s()
+        assert grace >= longest + SHUTDOWN_MARGIN_S, (
+            f"{grace} s < the longest a task may run ({longest} s) + {SHUTDOWN_MARGIN_S}"
+        )
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_celery_processes_serve_their_probes_on_the_pod_ip(path: str) -> None:
+    """The worker and beat bind the port their probes ask, on every address (the kubelet probes
+    the pod IP, so a loopback-only endpoint would fail every probe)."""
+    objects = render(path)
+    names = field_env_names(WorkerSettings)
+    seen = set()
+    for workload, container in parking_containers(objects):
+        if _command(container)[:3] != CELERY:
+            continue
+        seen.add(workload["metadata"]["name"])
+        env = container_env(objects, container)
+        fields = WorkerSettings.model_fields
+        port = int(env.get(names["metrics_port"][0], fields["metrics_port"].default))
+        host = env.get(names["metrics_host"][0], fields["metrics_host"].default)
+        assert port, "port 0 serves nothing"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe in container:
+                assert ports[container[probe]["httpGet"]["port"]] == port, probe
+        assert host in ("0.0.0.0", "::"), host
+    assert seen == {"worker", "beat"}
 
 
 def _gunicorn_target(command: list[str]) -> tuple[str, str | None, str | None]:
@@ -332,14 +361,55 @@ def _task_options(keyword: str) -> list[object]:
     return values
 
 
+def _longest_task_s() -> float:
+    """The longest a task may run: the app's hard time limit, or a task's own if longer."""
+    hard = celery_conf().task_time_limit
+    assert hard, "no hard time limit: no grace period can be shown to cover a running task"
+    own = _task_options("time_limit")
+    assert all(isinstance(v, int | float) for v in own), f"time limits must be constants: {own}"
+    return float(max([hard, *own]))  # type: ignore[type-var]
+
+
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_worker_grace_covers_task_time_limits(path: str) -> None:
-    """Warm shutdown waits for running tasks: a task's hard time limit must fit in the grace."""
-    limits = [v for k in ("time_limit", "task_time_limit") for v in _task_options(k)]
-    assert all(isinstance(v, int | float) for v in limits), "time limits must be constants here"
-    worker = named(render(path), "Deployment", "worker")
+    """Warm shutdown waits for running tasks: the hard time limit must end them within the grace,
+    the soft one come first, and the broker must not hand a running task to another worker."""
+    conf = celery_conf()
+    soft, hard = conf.task_soft_time_limit, conf.task_time_limit
+    assert soft and hard and soft < hard, (soft, hard)
+    assert all(isinstance(v, int | float) for v in _task_options("soft_time_limit"))
+    longest = _longest_task_s()
+    objects = render(path)
+    worker = named(objects, "Deployment", "worker")
     grace = pod_spec(worker)["terminationGracePeriodSeconds"]
-    assert grace >= max([WORKER_GRACE_S, *[float(v) + 10 for v in limits]])  # type: ignore[arg-type]
+    assert grace >= longest + SHUTDOWN_MARGIN_S, (
+        f"terminationGracePeriodSeconds {grace} < hard time limit {longest} + {SHUTDOWN_MARGIN_S}"
+    )
+    env = container_env(objects, pod_spec(worker)["containers"][0])
+    name = field_env_names(WorkerSettings)["visibility_timeout_s"][0]
+    visibility = int(env.get(name, WorkerSettings.model_fields["visibility_timeout_s"].default))
+    assert visibility > longest, f"{name} {visibility} s: a running task would be redelivered"
+
+
+@pytest.mark.parametrize("path", KUSTOMIZATIONS)
+def test_worker_statements_end_before_the_soft_time_limit(path: str) -> None:
+    """The soft time limit stops a task, not its statement: PostgreSQL ends that by the
+    statement timeout (the pool's, or a longer one a task sets), which must be shorter."""
+    soft = celery_conf().task_soft_time_limit
+    units = {"ms": 0.001, "s": 1.0, "min": 60.0, "": 0.001}
+    found = []
+    for module in ROOT.joinpath("services/worker").glob("*.py"):
+        for value, unit in re.findall(
+            r"statement_timeout\s*=\s*'?(\d+)\s*(ms|s|min|)'?", module.read_text()
+        ):
+            found.append((module.name, float(value) * units[unit]))
+    assert found, "the pattern no longer finds the long statements' timeouts"
+    objects = render(path)
+    env = container_env(objects, pod_spec(named(objects, "Deployment", "worker"))["containers"][0])
+    name = field_env_names(CommonSettings)["db_statement_timeout_ms"][0]
+    default = CommonSettings.model_fields["db_statement_timeout_ms"].default
+    found.append((name, int(env.get(name, default)) / 1000))
+    assert all(seconds < soft for _, seconds in found), found
 
 
 def test_tasks_go_to_the_one_queue_workers_consume() -> None:
