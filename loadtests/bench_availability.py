@@ -27,6 +27,7 @@ import os
 import random
 import selectors
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -100,7 +101,9 @@ def load_lots(conn: psycopg.Connection, operator_id: str, count: int, seed: int)
         with cur.copy("COPY lot_live (lot_id, version, updated_at) FROM STDIN") as copy:
             for lot_id in ids:
                 copy.write_row((lot_id, 1, now))
-    conn.execute("ANALYZE lots")
+    # vacuumed and analysed now, so autovacuum does not pick the new rows up while we measure
+    for table in ("lots", "lot_occupancy", "lot_live"):
+        conn.execute(f"VACUUM (ANALYZE) {table}")
     return ids
 
 
@@ -209,6 +212,28 @@ def open_streams(base: str, lot_ids: list[str], count: int) -> tuple[list[socket
     return socks, failures
 
 
+def established(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine (``ss``)."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return len(out.stdout.splitlines())
+
+
+def wait_streams_gone(stack: Stack, *, baseline: int, timeout: float = 60.0) -> float:
+    """Seconds until the gateway let go of the streams the clients closed (it notices at its
+    next heartbeat write), so the next phase does not measure their teardown; bounded."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if established(stack.ports["gateway"]) <= baseline:
+            break
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
 def main() -> None:
     seconds = env_float("BENCH_SECONDS", 10)
     concurrency = int(env_float("BENCH_CONCURRENCY", 16))
@@ -217,7 +242,11 @@ def main() -> None:
     large = int(env_float("BENCH_LARGE_LOTS", 100_000))
     streams = int(env_float("BENCH_STREAM_CLIENTS", 1000))
     rng = random.Random(7)
-    with bench_stack(("gateway", "ingestion", "availability")) as (stack, _admin):
+    gateway_workers = os.environ.get("BENCH_GATEWAY_WORKERS", "1")  # the Procfile's default
+    with bench_stack(("gateway", "ingestion", "availability"), GATEWAY_WORKERS=gateway_workers) as (
+        stack,
+        _admin,
+    ):
         client = connect(stack.redis_url, 30.0)
         with psycopg.connect(stack.database_url, autocommit=True) as conn:
             row = conn.execute(
@@ -244,6 +273,7 @@ def main() -> None:
             load.run(base, make, concurrency=4, seconds=1, processes=1)
         rows: dict[str, object] = {
             "lots": lots,
+            "gateway workers": gateway_workers,
             "load + redis refill s": round(loaded_s, 1),
         }
         # rounds alternate the endpoints, so a noisy neighbour slows them alike
@@ -276,12 +306,14 @@ def main() -> None:
         if streams:
             names = ("gateway", "availability")
             before = {n: rss_mb(stack, n) for n in names}
+            before_streams = established(stack.ports["gateway"])
             socks, opened_retries = open_streams(base, ids, streams)
             time.sleep(2)  # let allocations settle before measuring
             after = {n: rss_mb(stack, n) for n in names}
             with_streams = summary(fixed_rate(base, detail, rate=rate, seconds=seconds))
             for s in socks:
                 s.close()
+            settled = wait_streams_gone(stack, baseline=before_streams)
             rows[f"{streams} idle streams: failed attempts to open"] = opened_retries
             for n in names:
                 rows[f"{streams} idle streams: {n} RSS MB before/after"] = (
@@ -292,6 +324,7 @@ def main() -> None:
             rows[f"detail at {rate:.0f}/s with {streams} idle streams p50/p99 ms"] = (
                 f"{with_streams['p50_ms']} / {with_streams['p99_ms']}"
             )
+            rows["closed streams released by the servers in s"] = settled
 
         if large > lots:
             with psycopg.connect(stack.database_url, autocommit=True) as conn:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -197,11 +198,15 @@ def events(
         if version != sent:
             yield frame(version, view)
             sent = version
+        # the first wait is drawn at random, so streams opened together (clients reconnecting
+        # after a restart) do not all send their heartbeats in the same instant ever after
+        wait = heartbeat * random.uniform(0.5, 1.0)
         while True:
             try:
-                item = sub.queue.get(timeout=heartbeat)
+                item = sub.queue.get(timeout=wait)
             except queue.Empty:
                 yield HEARTBEAT
+                wait = heartbeat
                 continue
             if item is DELETED:
                 yield b"event: deleted\ndata: %s\n\n" % orjson.dumps({"id": sub.lot_id})
