@@ -213,9 +213,10 @@ def open_streams(base: str, lot_ids: list[str], count: int) -> tuple[list[socket
 
 
 def established(port: int) -> int:
-    """Established TCP connections to ``port`` on this machine (``ss``)."""
+    """TCP connections the server on ``port`` still holds (established, or closed by the
+    client and not yet by the server), from ``ss``."""
     out = subprocess.run(
-        ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+        ["ss", "-Htn", "state", "established", "state", "close-wait", f"( sport = :{port} )"],
         capture_output=True,
         text=True,
         check=True,

@@ -13,8 +13,8 @@ events of every lot).
 
 Environment: BENCH_SECONDS, BENCH_WARMUP (3), BENCH_CLIENTS (8), BENCH_BATCH (500), BENCH_HUBS,
 BENCH_LOTS (100 space lots of 200 spaces, plus a quarter as many gate lots),
-BENCH_INGESTION_WORKERS (3), BENCH_GATEWAY_WORKERS (2); BENCH_DATABASE_URL / BENCH_REDIS_URL to
-use real servers.
+BENCH_INGESTION_WORKERS (3), BENCH_GATEWAY_WORKERS (1, the Procfile's); BENCH_DATABASE_URL /
+BENCH_REDIS_URL to use real servers.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main() -> None:
     hubs = int(_env("BENCH_HUBS", clients))
     env = {
         "INGESTION_WORKERS": os.environ.get("BENCH_INGESTION_WORKERS", "3"),
-        "GATEWAY_WORKERS": os.environ.get("BENCH_GATEWAY_WORKERS", "2"),
+        "GATEWAY_WORKERS": os.environ.get("BENCH_GATEWAY_WORKERS", "1"),
         "PARKING_LOG_LEVEL": "WARNING",
     }
     with bench_stack(("gateway", "ingestion"), **env) as (stack, admin):

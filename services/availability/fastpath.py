@@ -30,7 +30,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from services.availability.readpath import ReadPath
 from services.common import logs
 from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER, dumps
-from services.common.metrics import ERRORS, REQUESTS
+from services.common.metrics import observe_request
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -65,9 +65,7 @@ class FastLots:
         if not _REQUEST_ID_OK.match(rid):
             rid = uuid.uuid4().hex
         if path == FLOOR_PATH:
-            REQUESTS.labels(self.service, "GET", FLOOR_PATH, "200").observe(
-                time.perf_counter() - started
-            )
+            observe_request(self.service, "GET", FLOOR_PATH, 200, started)
             start_response("200 OK", [_JSON, ("Content-Length", "11"), (REQUEST_ID_HEADER, rid)])
             return [FLOOR_BODY]
         try:
@@ -89,10 +87,6 @@ class FastLots:
         finally:
             logs.request_id_var.reset(token)
         headers.append((REQUEST_ID_HEADER, rid))
-        REQUESTS.labels(self.service, "GET", self.route, str(status)).observe(
-            time.perf_counter() - started
-        )
-        if status >= 500:
-            ERRORS.labels(self.service, self.route).inc()
+        observe_request(self.service, "GET", self.route, status, started)
         start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
         return [body]

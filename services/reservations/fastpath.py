@@ -32,7 +32,7 @@ from services.common import logs
 from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, verify
 from services.common.errors import PROBLEM_JSON, Problem
-from services.common.metrics import ERRORS, REQUESTS
+from services.common.metrics import observe_request
 from services.reservations import booking
 from services.reservations.lifecycle import forget_reserved
 from services.reservations.schemas import ReservationIn
@@ -82,11 +82,7 @@ class FastReserve:
         finally:
             logs.request_id_var.reset(token)
         headers.append((REQUEST_ID_HEADER, rid))
-        REQUESTS.labels(self.service, "POST", self.route, str(status)).observe(
-            time.perf_counter() - started
-        )
-        if status >= 500:
-            ERRORS.labels(self.service, self.route).inc()
+        observe_request(self.service, "POST", self.route, status, started)
         start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
         return [body]
 
