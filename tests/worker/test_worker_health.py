@@ -36,19 +36,24 @@ def _started(stack: Stack, name: str, base: str) -> None:
     )
 
 
+def _serving(name: str, isolated: tuple[str, str], tmp_path: Path) -> tuple[Stack, str]:
+    """A stack of just the worker or beat, serving its endpoints on a port of its own."""
+    port = free_port()
+    stack = Stack(
+        isolated[0],
+        isolated[1],
+        tmp_path / "stack",
+        env_overrides={"PARKING_WORKER_METRICS_PORT": str(port)},
+        names=(name,),
+    )
+    return stack, f"http://127.0.0.1:{port}"
+
+
 def test_worker_is_ready_while_postgresql_and_the_broker_answer(
     isolated: tuple[str, str], servers: tuple[str, str], tmp_path: Path
 ) -> None:
     database_url, redis_url = isolated
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    stack = Stack(
-        database_url,
-        redis_url,
-        tmp_path / "stack",
-        env_overrides={"PARKING_WORKER_METRICS_PORT": str(port)},
-        names=("worker",),
-    )
+    stack, base = _serving("worker", isolated, tmp_path)
     try:
         _started(stack, "worker", base)
         assert _get(base, "/readyz").json() == {
@@ -70,16 +75,8 @@ def test_worker_is_ready_while_postgresql_and_the_broker_answer(
 
 
 def test_beat_is_ready_while_the_broker_answers(isolated: tuple[str, str], tmp_path: Path) -> None:
-    database_url, redis_url = isolated
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    stack = Stack(
-        database_url,
-        redis_url,
-        tmp_path / "stack",
-        env_overrides={"PARKING_WORKER_METRICS_PORT": str(port)},
-        names=("beat",),
-    )
+    _, redis_url = isolated
+    stack, base = _serving("beat", isolated, tmp_path)
     try:
         _started(stack, "beat", base)
         assert _get(base, "/readyz").json() == {"status": "ready", "checks": ["broker"]}
