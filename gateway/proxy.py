@@ -223,12 +223,17 @@ def _content_type(headers: list[tuple[str, str]]) -> str:
 
 def _dropped(sock: socket.socket) -> bool:
     """Whether the service closed an idle pooled connection (a restarted or killed worker):
-    an idle keep-alive socket that is readable has nothing to say but EOF."""
+    an idle keep-alive socket that is readable has nothing to say but EOF.
+
+    ``poll``, not ``select``: select() cannot watch a descriptor past FD_SETSIZE (1024), which a
+    gateway holding a thousand streams reaches, and every pooled connection then looked dropped
+    (each request opened a new one)."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def _unavailable(name: str) -> Problem:
