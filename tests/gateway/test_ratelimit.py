@@ -20,13 +20,14 @@ def _admitted(limiters: list[RateLimiter], client: redis.Redis, subject: str, n:
 
 
 def test_leases_never_admit_more_than_the_limit_across_workers(redis_client: redis.Redis) -> None:
-    limits = {"lookups": (200, 60.0), "default": (10, 1.0)}
+    # an hour's window: a token comes back every 18 s, so none refills while the test runs
+    limits = {"lookups": (200, 3600.0), "default": (10, 1.0)}
     workers = [RateLimiter(limits) for _ in range(3)]  # three gateway workers, one bucket
     subject = f"ip:{uuid.uuid4()}"
     assert _admitted(workers, redis_client, subject, 500) == 200
     refused = workers[0].check(redis_client, "lookups", subject)
     assert refused is not None and not refused.allowed
-    assert refused.headers()["Retry-After"] == "1"  # one token comes back every 0.3 s
+    assert 1 <= int(refused.headers()["Retry-After"]) <= 18
 
 
 def test_a_busy_subject_costs_few_round_trips(redis_client: redis.Redis) -> None:
@@ -39,7 +40,7 @@ def test_a_busy_subject_costs_few_round_trips(redis_client: redis.Redis) -> None
 
 
 def test_unspent_tokens_are_given_back(redis_client: redis.Redis) -> None:
-    limits = {"lookups": (100, 1.0), "default": (10, 1.0)}
+    limits = {"lookups": (100, 3600.0), "default": (10, 1.0)}  # no refill during the test
     busy, other = RateLimiter(limits), RateLimiter(limits)
     subject = f"ip:{uuid.uuid4()}"
     assert _admitted([busy], redis_client, subject, 16) == 16  # leases 1+2+4+8, then 10
@@ -65,7 +66,7 @@ def test_remaining_counts_down_exactly(redis_client: redis.Redis) -> None:
 
 
 def test_concurrent_callers_share_leases_exactly(redis_client: redis.Redis) -> None:
-    limits = {"lookups": (300, 60.0), "default": (10, 1.0)}
+    limits = {"lookups": (300, 3600.0), "default": (10, 1.0)}  # no refill during the test
     workers = [RateLimiter(limits) for _ in range(2)]
     subject = f"ip:{uuid.uuid4()}"
     counts: list[int] = []
