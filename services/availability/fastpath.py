@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
-from werkzeug.http import HTTP_STATUS_CODES
 
 from services.availability.readpath import ReadPath
 from services.common import logs
-from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER, dumps
+from services.common.app import REQUEST_ID_HEADER, dumps
+from services.common.leanpath import Answer, app_error, request_id, respond
 from services.common.metrics import observe_request
 
 StartResponse = Callable[..., Any]
@@ -61,9 +61,7 @@ class FastLots:
         ):
             return self.wsgi_app(environ, start_response)
         started = time.perf_counter()
-        rid = environ.get("HTTP_X_REQUEST_ID", "")
-        if not _REQUEST_ID_OK.match(rid):
-            rid = uuid.uuid4().hex
+        rid = request_id(environ)
         if path == FLOOR_PATH:
             observe_request(self.service, "GET", FLOOR_PATH, 200, started)
             start_response("200 OK", [_JSON, ("Content-Length", "11"), (REQUEST_ID_HEADER, rid)])
@@ -78,15 +76,17 @@ class FastLots:
             if found is None:
                 return self.wsgi_app(environ, start_response)  # the route's own 404
             body = dumps(found[1])
-            status, headers = 200, [_JSON, ("Content-Length", str(len(body)))]
+            answer: Answer = (200, [_JSON, ("Content-Length", str(len(body)))], body)
         except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(exc))
-                status, body = response.status_code, response.get_data()
-                headers = list(response.headers.items())
+            answer = app_error(self.app, environ, exc)
         finally:
             logs.request_id_var.reset(token)
-        headers.append((REQUEST_ID_HEADER, rid))
-        observe_request(self.service, "GET", self.route, status, started)
-        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
-        return [body]
+        return respond(
+            start_response,
+            answer,
+            rid=rid,
+            service=self.service,
+            method="GET",
+            route=self.route,
+            started=started,
+        )

@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 from flask import Flask
-from werkzeug.http import HTTP_STATUS_CODES
 
 from services.common import logs
-from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, verify
 from services.common.errors import PROBLEM_JSON, Problem
-from services.common.metrics import observe_request
+from services.common.leanpath import app_error, request_id, respond
 from services.ingestion.events import apply_batch
 from services.ingestion.schemas import validate_batch_json
 
@@ -40,11 +37,6 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 PATH = "/v1/events"
 _PRINCIPAL = "HTTP_" + PRINCIPAL_HEADER.upper().replace("-", "_")
 _SIGNATURE = "HTTP_" + SIGNATURE_HEADER.upper().replace("-", "_")
-
-
-def _request_id(environ: dict[str, Any]) -> str:
-    rid = environ.get("HTTP_X_REQUEST_ID", "")
-    return rid if _REQUEST_ID_OK.match(rid) else uuid.uuid4().hex
 
 
 class FastEvents:
@@ -70,16 +62,21 @@ class FastEvents:
         if accepted is None:
             return self.wsgi_app(environ, start_response)
         operator_id, events = accepted
-        rid = _request_id(environ)
+        rid = request_id(environ)
         token = logs.request_id_var.set(rid)
         try:
-            status, headers, body = self._apply(environ, operator_id, events)
+            answer = self._apply(environ, operator_id, events)
         finally:
             logs.request_id_var.reset(token)
-        headers.append((REQUEST_ID_HEADER, rid))
-        observe_request(self.service, "POST", self.route, status, started)
-        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
-        return [body]
+        return respond(
+            start_response,
+            answer,
+            rid=rid,
+            service=self.service,
+            method="POST",
+            route=self.route,
+            started=started,
+        )
 
     def _accept(self, environ: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
         """(operator id, events) of a well-formed batch, else None (with the body, if read, put
@@ -110,8 +107,6 @@ class FastEvents:
             headers = [("Content-Type", PROBLEM_JSON), ("Content-Length", str(len(body)))]
             return exc.status, [*headers, *exc.headers.items()], body
         except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(exc))
-                return response.status_code, list(response.headers.items()), response.get_data()
+            return app_error(self.app, environ, exc)
         body = orjson.dumps(answer)
         return 200, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body

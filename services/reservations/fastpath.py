@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -26,13 +25,11 @@ from typing import Any
 import orjson
 from flask import Flask
 from pydantic import ValidationError
-from werkzeug.http import HTTP_STATUS_CODES
 
 from services.common import logs
-from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, verify
 from services.common.errors import PROBLEM_JSON, Problem
-from services.common.metrics import observe_request
+from services.common.leanpath import app_error, request_id, respond
 from services.reservations import booking
 from services.reservations.lifecycle import forget_reserved
 from services.reservations.schemas import ReservationIn
@@ -44,11 +41,6 @@ MAX_KEY_LENGTH = 255
 MAX_BODY = 64 * 1024  # a reservation is a few hundred bytes; larger bodies take the Flask route
 _PRINCIPAL = "HTTP_" + PRINCIPAL_HEADER.upper().replace("-", "_")
 _SIGNATURE = "HTTP_" + SIGNATURE_HEADER.upper().replace("-", "_")
-
-
-def _request_id(environ: dict[str, Any]) -> str:
-    rid = environ.get("HTTP_X_REQUEST_ID", "")
-    return rid if _REQUEST_ID_OK.match(rid) else uuid.uuid4().hex
 
 
 class FastReserve:
@@ -75,16 +67,21 @@ class FastReserve:
         if accepted is None:
             return self.wsgi_app(environ, start_response)
         driver_id, key, raw, request = accepted
-        rid = _request_id(environ)
+        rid = request_id(environ)
         token = logs.request_id_var.set(rid)
         try:
-            status, headers, body = self._reserve(environ, driver_id, key, raw, request)
+            answer = self._reserve(environ, driver_id, key, raw, request)
         finally:
             logs.request_id_var.reset(token)
-        headers.append((REQUEST_ID_HEADER, rid))
-        observe_request(self.service, "POST", self.route, status, started)
-        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
-        return [body]
+        return respond(
+            start_response,
+            answer,
+            rid=rid,
+            service=self.service,
+            method="POST",
+            route=self.route,
+            started=started,
+        )
 
     def _accept(self, environ: dict[str, Any]) -> tuple[str, str, Any, ReservationIn] | None:
         """(driver id, key, raw body, request) of a well-formed request, else None (with the
@@ -135,9 +132,7 @@ class FastReserve:
             headers = [("Content-Type", PROBLEM_JSON), ("Content-Length", str(len(body)))]
             return exc.status, [*headers, *exc.headers.items()], body
         except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(exc))
-                return response.status_code, list(response.headers.items()), response.get_data()
+            return app_error(self.app, environ, exc)
         # keys sorted, so a replay is byte for byte the first answer (as views._answer)
         body = orjson.dumps(answer.body, option=orjson.OPT_SORT_KEYS)
         mimetype = PROBLEM_JSON if answer.status >= 400 else "application/json"

@@ -1,0 +1,48 @@
+"""What every service's lean WSGI path (``services/*/fastpath.py``) shares with the Flask app:
+the request id, the app's own error handlers, the request metrics and the status line."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask
+from werkzeug.http import HTTP_STATUS_CODES
+
+from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER
+from services.common.metrics import observe_request
+
+StartResponse = Callable[..., Any]
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+def request_id(environ: dict[str, Any]) -> str:
+    """The caller's X-Request-ID if sane, else a new one (as the Flask hook does)."""
+    rid = environ.get("HTTP_X_REQUEST_ID", "")
+    return rid if _REQUEST_ID_OK.match(rid) else uuid.uuid4().hex
+
+
+def app_error(app: Flask, environ: dict[str, Any], exc: Exception) -> Answer:
+    """The answer the app's error handlers give for ``exc`` (503 for an outage, ...)."""
+    with app.request_context(environ):
+        response = app.make_response(app.handle_user_exception(exc))
+        return response.status_code, list(response.headers.items()), response.get_data()
+
+
+def respond(
+    start_response: StartResponse,
+    answer: Answer,
+    *,
+    rid: str,
+    service: str,
+    method: str,
+    route: str,
+    started: float,
+) -> list[bytes]:
+    """Send ``answer`` with its request id and count it in the request metrics."""
+    status, headers, body = answer
+    headers.append((REQUEST_ID_HEADER, rid))
+    observe_request(service, method, route, status, started)
+    start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}", headers)
+    return [body]
