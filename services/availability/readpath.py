@@ -510,7 +510,7 @@ class ReadPath:
 
 
 def refill(
-    conn: Any, client: redis.Redis, *, chunk: int = 5000, reserved_max_age_s: float = 60.0
+    conn: Any, client: redis.Redis, *, chunk: int = 5000, reserved_max_age_s: float = 600.0
 ) -> int:
     """Write every live lot (and its reserved counts) to Redis in batches, undo lots deleted
     meanwhile, then set the geo index's completeness marker; return the number of lots."""

@@ -14,8 +14,12 @@ class ReadPathSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PARKING_AVAILABILITY_", extra="ignore", frozen=True
     )
+    # Writers drop a lot's cached count when they change it (and retry while Redis is down);
+    # counts also change at reservation window boundaries, which cap each entry's life. This
+    # bound only covers a drop lost with its process, so it can be long: filling the counts of
+    # many lots at once again and again would cost PostgreSQL a query per lot read.
     reserved_cache_max_s: float = Field(
-        60.0, gt=0, le=3600, description="longest a reserved count is cached in Redis"
+        600.0, gt=0, le=3600, description="longest a reserved count is cached in Redis"
     )
     redis_retry_after_s: float = Field(
         1.0, ge=0, description="after a Redis failure, serve from PostgreSQL this long"

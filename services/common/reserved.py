@@ -141,13 +141,13 @@ def store(
     max_age_s: float,
 ) -> None:
     """Cache ``snapshot`` (read after :func:`lease`) until each lot's next boundary, or for
-    75-100% of ``max_age_s`` (spread, so the keys of lots filled together expire apart)."""
+    50-100% of ``max_age_s`` (spread, so the keys of lots filled together expire apart)."""
     if not snapshot:
         return
     keys: list[str] = []
     args: list[Any] = [token]
     for lot_id, held in snapshot.items():
-        ttl_s = max_age_s * (0.75 + 0.25 * random.random())
+        ttl_s = max_age_s * (0.5 + 0.5 * random.random())
         if held.next_change is not None:
             ttl_s = min(ttl_s, (held.next_change - now).total_seconds())
         keys.append(reserved_key(lot_id))

@@ -9,6 +9,8 @@ so the lots' ``reserved`` counts are recomputed on the next read.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,12 +98,76 @@ def forget_reserved(client: redis.Redis, lot_ids: Iterable[str]) -> None:
     """Drop the cached ``reserved`` counts of ``lot_ids``; call after the change commits.
 
     Like :func:`services.common.reserved.forget`, but a Redis outage must not fail a change
-    PostgreSQL has already committed: it is logged.
+    PostgreSQL has already committed: the keys Redis refused are logged and deleted again in the
+    background until it answers, so an outage does not leave a count stale for the cache's whole
+    lifetime.
     """
-    keys = sorted({reserved_key(str(lot_id)) for lot_id in lot_ids})
-    if not keys:
-        return
-    try:
-        client.delete(*keys)
-    except redis.RedisError as exc:
-        log.warning("could not drop cached reserved counts: %s", type(exc).__name__)
+    keys = {reserved_key(str(lot_id)) for lot_id in lot_ids}
+    if keys:
+        _invalidations.delete(client, keys)
+
+
+class _Invalidations:
+    """Deletes of cached counts that Redis refused, retried every ``RETRY_EVERY_S`` for at most
+    ``RETRY_FOR_S`` (past the longest the availability service caches a count, a retry is moot)."""
+
+    RETRY_EVERY_S = 1.0
+    RETRY_FOR_S = 3600.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._retrying = False
+        self._wake = threading.Event()
+
+    def pending(self) -> set[str]:
+        with self._lock:
+            return set(self._pending)
+
+    def delete(self, client: redis.Redis, keys: set[str]) -> None:
+        with self._lock:
+            keys |= self._pending
+            self._pending.clear()
+        try:
+            client.delete(*sorted(keys))
+        except redis.RedisError as exc:
+            log.warning(
+                "could not drop %d cached reserved counts: %s (retrying)",
+                len(keys),
+                type(exc).__name__,
+            )
+            self._retry_later(client, keys)
+
+    def _retry_later(self, client: redis.Redis, keys: set[str]) -> None:
+        with self._lock:
+            self._pending |= keys
+            if self._retrying:
+                return
+            self._retrying = True
+        threading.Thread(
+            target=self._retry, args=(client,), name="forget-reserved", daemon=True
+        ).start()
+
+    def _retry(self, client: redis.Redis) -> None:
+        deadline = time.monotonic() + self.RETRY_FOR_S
+        while time.monotonic() < deadline:
+            self._wake.wait(self.RETRY_EVERY_S)
+            with self._lock:
+                keys, self._pending = self._pending, set()
+                if not keys:
+                    self._retrying = False  # under the lock: a key added later starts a thread
+                    return
+            try:
+                client.delete(*sorted(keys))
+            except redis.RedisError:
+                with self._lock:
+                    self._pending |= keys
+            else:
+                log.info("dropped %d cached reserved counts after a Redis outage", len(keys))
+        with self._lock:
+            log.error("gave up dropping %d cached reserved counts", len(self._pending))
+            self._pending.clear()
+            self._retrying = False
+
+
+_invalidations = _Invalidations()
