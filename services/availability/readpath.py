@@ -80,6 +80,14 @@ end
 return out
 """
 
+# KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count.
+# Returns false when the index is not vouched complete, else GEOSEARCH's [member, distance] list.
+_NEAREST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
+                  'BYRADIUS', ARGV[3], 'm', 'ASC', 'COUNT', ARGV[4], 'WITHDIST')
+"""
+
 
 def _pairs(flat: list[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -113,9 +121,34 @@ class Page:
     next_after: tuple[float, str] | None
 
 
+class _MetaCache:
+    """Parsed ``lotmeta:`` JSON by lot, reused while Redis holds the same text: the registry
+    summary changes when its operator edits the lot, the counts beside it on every event, and
+    parsing the summary again per read was a quarter of a search's work. Bounded: past
+    ``MAX`` lots it starts again empty."""
+
+    MAX = 250_000
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def get(self, lot_id: str, meta_json: str) -> dict[str, Any]:
+        hit = self._parsed.get(lot_id)
+        if hit is not None and hit[0] == meta_json:
+            return hit[1]
+        meta = orjson.loads(meta_json)
+        if len(self._parsed) >= self.MAX:
+            self._parsed = {}
+        self._parsed[lot_id] = (meta_json, meta)
+        return meta
+
+
+_META = _MetaCache()
+
+
 def lot_from_redis(lot_id: str, meta_json: str, state: Sequence[str]) -> LotData:
     """A lot from its ``lotmeta:`` JSON and its ``lot:`` hash as a flat field/value list."""
-    meta = orjson.loads(meta_json)
+    meta = _META.get(lot_id, meta_json)
     occupied: dict[str, int] = {}
     capacity: dict[str, int] = {}
     version, updated_at = 0, None
@@ -211,7 +244,7 @@ class ReadPath:
         self._was_down = False
         self._refilling = False
         self._next_refill = 0.0
-        self._scripts: dict[int, Any] = {}
+        self._scripts: dict[tuple[int, str], ScriptRunner] = {}
         self._tokens = itertools.count(int(time.time() * 1000) << 20)
 
     # -- Redis with a breaker --------------------------------------------------------------------
@@ -326,9 +359,12 @@ class ReadPath:
         return out
 
     def _read_script(self, client: redis.Redis) -> Any:
-        script = self._scripts.get(id(client))
+        return self._script(client, _READ)
+
+    def _script(self, client: redis.Redis, source: str) -> Any:
+        script = self._scripts.get((id(client), source))
         if script is None:
-            script = self._scripts[id(client)] = ScriptRunner(client, _READ)
+            script = self._scripts[(id(client), source)] = ScriptRunner(client, source)
         return script
 
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:
@@ -402,23 +438,17 @@ class ReadPath:
         return Page(items, next_after)
 
     def _redis_source(self, client: redis.Redis, query: NearbyQuery, now: datetime) -> Source:
+        nearest = self._script(client, _NEAREST)
+        keys = [GEO_COMPLETE_KEY, livestate.GEO_KEY]
+
         def source(k: int, min_d: float, seen: Seen) -> Any:
-            pipe = client.pipeline(transaction=False)
-            pipe.exists(GEO_COMPLETE_KEY)
-            pipe.geosearch(
-                livestate.GEO_KEY,
-                longitude=query.lon,
-                latitude=query.lat,
-                radius=query.radius_m + GEO_MARGIN_M,
-                unit="m",
-                sort="ASC",
-                count=k,
-                withdist=True,
-            )
-            complete, hits = pipe.execute()
-            if not complete:
-                raise CacheIncomplete("the geo index is not vouched complete")
-            new = [str(m) for m, d in hits if float(d) >= min_d and str(m) not in seen]
+            radius = query.radius_m + GEO_MARGIN_M
+            hits = nearest(keys=keys, args=[query.lon, query.lat, radius, k])
+            if not hits:
+                if hits is None:
+                    raise CacheIncomplete("the geo index is not vouched complete")
+                return []
+            new = [m for m, d in hits if float(d) >= min_d and m not in seen]
             if new:
                 self._evaluate_redis(client, new, query, now, seen)
             return [float(d) for _, d in hits]

@@ -56,8 +56,10 @@ def validate_opening_hours(value: str) -> str:
 
 def is_open(opening_hours: str, timezone: str, at: datetime) -> bool:
     """Whether a lot with ``opening_hours`` is open at the instant ``at``."""
+    if opening_hours == "24/7":
+        return True
     m = _HOURS.match(opening_hours)
-    if m is None or opening_hours == "24/7":
+    if m is None:
         return True
     local = at.astimezone(ZoneInfo(timezone)).time()
     start = time(int(m.group(1)), int(m.group(2)))
