@@ -5,6 +5,7 @@ Each process group gets its own Prometheus multiprocess directory, emptied at st
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -105,6 +106,13 @@ def on_starting(server: Any) -> None:
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def post_worker_init(worker: Any) -> None:
+    # The application's objects (modules, schemas, routes: some 80,000 of them) live as long as
+    # the worker; kept out of the collector's scans, a full collection no longer walks them all
+    # (about 25-50 ms here, a pause for every request in flight when it runs).
+    gc.freeze()
 
 
 def child_exit(server: Any, worker: Any) -> None:
