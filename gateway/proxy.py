@@ -106,14 +106,17 @@ class Upstream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _take(self) -> tuple[socket.socket, bool]:
+    def _take(self, *, retryable: bool) -> tuple[socket.socket, bool]:
+        """A pooled connection (and True) or a new one. For a request that can be sent again
+        (``retryable``) a connection the service closed meanwhile costs only that retry, so it
+        is not polled first: that poll was a system call per request on the hottest routes."""
         now = time.monotonic()
         while self._idle:
             try:
                 since, sock = self._idle.pop()
             except IndexError:
                 break
-            if now - since < IDLE_S and not _dropped(sock):
+            if now - since < IDLE_S and (retryable or not _dropped(sock)):
                 return sock, True
             sock.close()
         return self._connect(), False
@@ -151,7 +154,7 @@ class Upstream:
     ) -> UpstreamResponse:
         data = self._request_bytes(method, path_qs, headers, body)
         for attempt in (0, 1):
-            sock, reused = self._take()
+            sock, reused = self._take(retryable=attempt == 0 and method in IDEMPOTENT)
             sock.settimeout(self.read_s)
             answer = _Answer()
             try:
