@@ -98,7 +98,11 @@ class ScriptRunner:
             lead = not self._sending
             self._sending = True
         if not lead:
-            call.done.wait()
+            try:
+                call.done.wait()
+            except BaseException:  # killed while waiting (a worker shutting down): let go
+                self._abandon(call)
+                raise
             if not call.lead:
                 return call.result()
         self._send_queued()
@@ -111,14 +115,31 @@ class ScriptRunner:
             self._run(batch)
         finally:
             with self._lock:
-                after = self._queue[0] if self._queue else None
-                if after is None:
-                    self._sending = False
+                after = self._promote()
             for call in batch:
                 call.done.set()
-            if after is not None:  # the first caller that arrived meanwhile sends the next batch
-                after.lead = True
+            if after is not None:
                 after.done.set()
+
+    def _promote(self) -> _Call | None:
+        """Under the lock: the first caller that arrived meanwhile sends the next batch (or
+        nobody is sending any more)."""
+        after = self._queue[0] if self._queue else None
+        if after is None:
+            self._sending = False
+        else:
+            after.lead = True
+        return after
+
+    def _abandon(self, call: _Call) -> None:
+        """``call``'s caller is gone: drop it from the queue, and if it had been chosen to
+        send the next batch, choose another (a batch nobody sends would stall every caller)."""
+        with self._lock:
+            if call in self._queue:
+                self._queue.remove(call)
+            after = self._promote() if call.lead else None
+        if after is not None:
+            after.done.set()
 
     def _run(self, batch: list[_Call]) -> None:
         try:

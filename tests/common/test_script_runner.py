@@ -119,3 +119,26 @@ def test_a_dead_redis_fails_every_caller_with_a_redis_error(tmp_path: Any) -> No
         script(["k", "runs"], ["1"])
     with pytest.raises(redis.ConnectionError):  # and the next caller tries again, not hangs
         script(["k", "runs"], ["2"])
+
+
+def test_a_caller_gone_while_chosen_to_send_hands_the_batch_on(redis_client: redis.Redis) -> None:
+    """A waiting caller killed (a worker shutting down) just as it was chosen to send the next
+    batch: the next caller in line sends it, so nobody behind it waits forever."""
+    from services.common.redis import _Call
+
+    script, _ = runner(redis_client)
+    runs = f"test:runs:{uuid.uuid4().hex}"
+    gone, behind = _Call(["a", runs], ["1"]), _Call(["b", runs], ["2"])
+    with script._lock:  # two callers wait behind a batch in flight
+        script._sending = True
+        script._queue += [gone, behind]
+        chosen = script._promote()  # the batch in flight is done: the first waiter is chosen
+    assert chosen is gone and gone.lead
+
+    script._abandon(gone)  # ... and is killed before it wakes
+
+    assert behind.lead and behind.done.is_set()
+    script._send_queued()  # what the woken caller does
+    assert behind.result() == ["b", "2"]
+    assert not script._sending and not script._queue
+    assert script(["c", runs], ["3"]) == ["c", "3"]  # and the runner still serves callers
