@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from services.common.errors import Problem
+from services.common.sockets import send_all
 
 HOP_BY_HOP = frozenset(
     {
@@ -158,7 +159,7 @@ class Upstream:
             sock.settimeout(self.read_s)
             answer = _Answer()
             try:
-                sock.sendall(data)
+                send_all(sock, data)
                 _read(sock, answer, until_body=streaming or method == "HEAD")
             except TimeoutError as exc:
                 sock.close()

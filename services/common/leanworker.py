@@ -41,6 +41,8 @@ import httptools
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from services.common.sockets import send_all
+
 MAX_BODY = int(os.environ.get("LEAN_MAX_BODY_BYTES", str(4 * 1024 * 1024)))
 _RECV = 65536
 LINGER_S, LINGER_BYTES = 2.0, 64 * 1024 * 1024
@@ -345,7 +347,7 @@ class _Connection:
             else:
                 out += chunks
         if out:
-            self.client.sendall(b"".join(out))
+            send_all(self.client, b"".join(out))
         return bool(state["keep"])
 
 
