@@ -336,7 +336,7 @@ class ReadPath:
             keys += [livestate.lot_key(lot_id), livestate.meta_key(lot_id)]
             keys.append(reserved.reserved_key(lot_id))
         token = f"{os.getpid()}:{next(self._tokens)}"
-        replies = self._read_script(client)(keys=keys, args=[token, reserved.LEASE_TTL_MS])
+        replies = self._script(client, _READ)(keys=keys, args=[token, reserved.LEASE_TTL_MS])
         out: list[tuple[LotData, dict[str, int]] | None] = []
         leased: list[str] = []
         for n, lot_id in enumerate(lot_ids):
@@ -358,10 +358,8 @@ class ReadPath:
                     out[n] = (found[0], snapshot[found[0].id].counts)
         return out
 
-    def _read_script(self, client: redis.Redis) -> Any:
-        return self._script(client, _READ)
-
-    def _script(self, client: redis.Redis, source: str) -> Any:
+    def _script(self, client: redis.Redis, source: str) -> ScriptRunner:
+        """The runner of ``source`` on ``client``'s server (one per script and client)."""
         script = self._scripts.get((id(client), source))
         if script is None:
             script = self._scripts[(id(client), source)] = ScriptRunner(client, source)

@@ -50,10 +50,7 @@ def start_postgres(directory: Path, database: str = DB_NAME) -> tuple[str, Any]:
     directory.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(directory, cleanup_mode="stop")
     admin_url = server.get_uri()
-    if _tune(admin_url):  # a setting that takes effect at start: start again (if ours alone)
-        server.cleanup()
-        server = pgserver.get_server(directory, cleanup_mode="stop")
-        admin_url = server.get_uri()
+    _tune(admin_url)
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
@@ -73,28 +70,16 @@ def start_postgres(directory: Path, database: str = DB_NAME) -> tuple[str, Any]:
 TUNING = {"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
 
 
-def _tune(admin_url: str) -> bool:
-    """Apply TUNING to the server at ``admin_url``; whether it must start again for it."""
+def _tune(admin_url: str) -> None:
+    """Apply TUNING to the server at ``admin_url`` (settings a reload takes)."""
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        changed = False
         for name, value in TUNING.items():
-            row = conn.execute(
-                "SELECT setting FROM pg_file_settings WHERE name = %s AND applied"
-                " AND sourcefile LIKE '%%postgresql.auto.conf'",
-                (name,),
-            ).fetchone()
-            if row is None or row[0] != value:
-                conn.execute(
-                    psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
-                        psycopg.sql.Identifier(name), psycopg.sql.Literal(value)
-                    )
+            conn.execute(
+                psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    psycopg.sql.Identifier(name), psycopg.sql.Literal(value)
                 )
-                changed = True
-        if not changed:
-            return False
+            )
         conn.execute("SELECT pg_reload_conf()")
-        row = conn.execute("SELECT bool_or(pending_restart) FROM pg_settings").fetchone()
-        return bool(row and row[0])
 
 
 def start_redis(directory: Path) -> tuple[str, Any]:

@@ -118,7 +118,6 @@ class _Invalidations:
         self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._retrying = False
-        self._wake = threading.Event()
 
     def pending(self) -> set[str]:
         with self._lock:
@@ -151,7 +150,7 @@ class _Invalidations:
     def _retry(self, client: redis.Redis) -> None:
         deadline = time.monotonic() + self.RETRY_FOR_S
         while time.monotonic() < deadline:
-            self._wake.wait(self.RETRY_EVERY_S)
+            time.sleep(self.RETRY_EVERY_S)  # pacing the retries, not waiting for a condition
             with self._lock:
                 keys, self._pending = self._pending, set()
                 if not keys:
