@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -24,17 +22,16 @@ from gateway import routing
 from gateway.auth import Authenticator
 from gateway.proxy import Upstream
 from gateway.ratelimit import RateLimiter
-from services.common import logs
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, Principal, sign
 from services.common.config import GatewaySettings
 from services.common.errors import PROBLEM_JSON, Problem
+from services.common.leanpath import logged_as, request_id
 from services.common.metrics import ERRORS, REQUESTS
 
 log = logging.getLogger("parking.gateway")
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _DROP = frozenset(
     {
         "HTTP_AUTHORIZATION",
@@ -101,23 +98,19 @@ class Proxy:
         ):
             return self.app(environ, start_response)
         started = time.perf_counter()
-        rid = environ.get("HTTP_X_REQUEST_ID", "")
-        if not _REQUEST_ID_OK.match(rid):
-            rid = uuid.uuid4().hex
-        token = logs.request_id_var.set(rid)
+        rid = request_id(environ)
         route: routing.Route | None = None
         body: Iterable[bytes]
-        try:
-            route, status, headers, body = self._handle(environ, path, rid)
-        except _Answer as answer:
-            status, headers, body = answer.status, answer.headers, []
-        except Problem as exc:
-            status, headers, body = _problem(exc)
-        except Exception:
-            log.exception("gateway error")
-            status, headers, body = _problem(Problem(500, "internal error", code="internal"))
-        finally:
-            logs.request_id_var.reset(token)
+        with logged_as(rid):
+            try:
+                route, status, headers, body = self._handle(environ, path, rid)
+            except _Answer as answer:
+                status, headers, body = answer.status, answer.headers, []
+            except Problem as exc:
+                status, headers, body = _problem(exc)
+            except Exception:
+                log.exception("gateway error")
+                status, headers, body = _problem(Problem(500, "internal error", code="internal"))
         headers.append(("X-Request-ID", rid))
         headers.extend(self.extra_headers)
         if "HTTP_AUTHORIZATION" in environ:

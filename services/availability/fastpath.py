@@ -27,9 +27,8 @@ from typing import Any
 from flask import Flask
 
 from services.availability.readpath import ReadPath
-from services.common import logs
 from services.common.app import REQUEST_ID_HEADER, dumps
-from services.common.leanpath import Answer, app_error, request_id, respond
+from services.common.leanpath import Answer, LeanRoute, app_error, logged_as, request_id
 from services.common.metrics import observe_request
 
 StartResponse = Callable[..., Any]
@@ -47,10 +46,7 @@ class FastLots:
         self.app = app
         self.wsgi_app = wsgi_app
         self.lookups: ReadPath = app.extensions["availability"]
-        self.service = app.config["PARKING_SETTINGS"].service_name
-        self.route = next(
-            r.rule for r in app.url_map.iter_rules() if r.endpoint == "availability.lot_detail"
-        )
+        self.lean = LeanRoute.of(app, "availability.lot_detail", "GET")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path: str = environ.get("PATH_INFO", "")
@@ -63,30 +59,20 @@ class FastLots:
         started = time.perf_counter()
         rid = request_id(environ)
         if path == FLOOR_PATH:
-            observe_request(self.service, "GET", FLOOR_PATH, 200, started)
+            observe_request(self.lean.service, "GET", FLOOR_PATH, 200, started)
             start_response("200 OK", [_JSON, ("Content-Length", "11"), (REQUEST_ID_HEADER, rid)])
             return [FLOOR_BODY]
         try:
             lot_id = str(uuid.UUID(path[len(PREFIX) :]))
         except ValueError:
             return self.wsgi_app(environ, start_response)
-        token = logs.request_id_var.set(rid)
-        try:
-            found = self.lookups.detail(lot_id, datetime.now(UTC))
-            if found is None:
-                return self.wsgi_app(environ, start_response)  # the route's own 404
-            body = dumps(found[1])
-            answer: Answer = (200, [_JSON, ("Content-Length", str(len(body)))], body)
-        except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
-            answer = app_error(self.app, environ, exc)
-        finally:
-            logs.request_id_var.reset(token)
-        return respond(
-            start_response,
-            answer,
-            rid=rid,
-            service=self.service,
-            method="GET",
-            route=self.route,
-            started=started,
-        )
+        with logged_as(rid):
+            try:
+                found = self.lookups.detail(lot_id, datetime.now(UTC))
+                if found is None:
+                    return self.wsgi_app(environ, start_response)  # the route's own 404
+                body = dumps(found[1])
+                answer: Answer = (200, [_JSON, ("Content-Length", str(len(body)))], body)
+            except Exception as exc:  # the app's error handlers answer (503 for an outage, ...)
+                answer = app_error(self.app, environ, exc)
+        return self.lean.respond(start_response, answer, rid=rid, started=started)

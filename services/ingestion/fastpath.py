@@ -25,10 +25,9 @@ from typing import Any
 import orjson
 from flask import Flask
 
-from services.common import logs
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, verify
 from services.common.errors import PROBLEM_JSON, Problem
-from services.common.leanpath import app_error, request_id, respond
+from services.common.leanpath import LeanRoute, app_error, logged_as, request_id
 from services.ingestion.events import apply_batch
 from services.ingestion.schemas import validate_batch_json
 
@@ -49,10 +48,7 @@ class FastEvents:
         self.max_body = max_body
         self.limit = settings.max_events_per_batch
         self.secret = settings.internal_secret.get_secret_value().encode()
-        self.service = settings.service_name
-        self.route = next(
-            r.rule for r in app.url_map.iter_rules() if r.endpoint == "events.post_events"
-        )
+        self.lean = LeanRoute.of(app, "events.post_events", "POST")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != PATH or environ.get("REQUEST_METHOD") != "POST":
@@ -63,20 +59,9 @@ class FastEvents:
             return self.wsgi_app(environ, start_response)
         operator_id, events = accepted
         rid = request_id(environ)
-        token = logs.request_id_var.set(rid)
-        try:
+        with logged_as(rid):
             answer = self._apply(environ, operator_id, events)
-        finally:
-            logs.request_id_var.reset(token)
-        return respond(
-            start_response,
-            answer,
-            rid=rid,
-            service=self.service,
-            method="POST",
-            route=self.route,
-            started=started,
-        )
+        return self.lean.respond(start_response, answer, rid=rid, started=started)
 
     def _accept(self, environ: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
         """(operator id, events) of a well-formed batch, else None (with the body, if read, put

@@ -26,10 +26,9 @@ import orjson
 from flask import Flask
 from pydantic import ValidationError
 
-from services.common import logs
 from services.common.auth import PRINCIPAL_HEADER, SIGNATURE_HEADER, verify
 from services.common.errors import PROBLEM_JSON, Problem
-from services.common.leanpath import app_error, request_id, respond
+from services.common.leanpath import LeanRoute, app_error, logged_as, request_id
 from services.reservations import booking
 from services.reservations.lifecycle import forget_reserved
 from services.reservations.schemas import ReservationIn
@@ -54,10 +53,7 @@ class FastReserve:
         self.secret = settings.internal_secret.get_secret_value().encode()
         self.db = app.extensions["parking_db"]
         self.redis = app.extensions["parking_redis"]
-        self.service = settings.service_name
-        self.route = next(
-            r.rule for r in app.url_map.iter_rules() if r.endpoint == "reservations.create"
-        )
+        self.lean = LeanRoute.of(app, "reservations.create", "POST")
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != PATH or environ.get("REQUEST_METHOD") != "POST":
@@ -68,20 +64,9 @@ class FastReserve:
             return self.wsgi_app(environ, start_response)
         driver_id, key, raw, request = accepted
         rid = request_id(environ)
-        token = logs.request_id_var.set(rid)
-        try:
+        with logged_as(rid):
             answer = self._reserve(environ, driver_id, key, raw, request)
-        finally:
-            logs.request_id_var.reset(token)
-        return respond(
-            start_response,
-            answer,
-            rid=rid,
-            service=self.service,
-            method="POST",
-            route=self.route,
-            started=started,
-        )
+        return self.lean.respond(start_response, answer, rid=rid, started=started)
 
     def _accept(self, environ: dict[str, Any]) -> tuple[str, str, Any, ReservationIn] | None:
         """(driver id, key, raw body, request) of a well-formed request, else None (with the
