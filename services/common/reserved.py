@@ -6,15 +6,16 @@ A reservation holds a space while it is ``confirmed`` (the car has not arrived) 
 
 Contract for writers of reservations: after committing anything that changes a lot's confirmed
 reservations (create, cancel, arrival, no-show, ...), ``DEL reserved_key(lot_id)``
-(:func:`forget`). Readers fill the cache under a lease (:func:`lease` / :func:`store`): a fill
-computed from a snapshot older than that DEL is never written, so a DEL is never undone.
+(``services.reservations.lifecycle.forget_reserved``, which retries a DEL Redis refused).
+Readers fill the cache under a lease (:func:`lease` / :func:`store`): a fill computed from a
+snapshot older than that DEL is never written, so a DEL is never undone.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -73,13 +74,6 @@ def reserved_now(
 ) -> dict[str, dict[str, int]]:
     """``{lot_id: {space_type: reserved}}`` at ``now`` (types with none are left out)."""
     return {k: v.counts for k, v in reserved_snapshot(conn, lot_ids, now).items()}
-
-
-def forget(client: redis.Redis, lot_ids: Iterable[str]) -> None:
-    """Drop the cached counts of ``lot_ids`` (call after committing a reservation change)."""
-    keys = [reserved_key(i) for i in lot_ids]
-    if keys:
-        client.delete(*keys)
 
 
 def decode(raw: Mapping[str, str]) -> dict[str, int] | None:

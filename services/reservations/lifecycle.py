@@ -97,10 +97,10 @@ def apply_gate_events(conn: psycopg.Connection[Any], *, events: list[GateEvent])
 def forget_reserved(client: redis.Redis, lot_ids: Iterable[str]) -> None:
     """Drop the cached ``reserved`` counts of ``lot_ids``; call after the change commits.
 
-    Like :func:`services.common.reserved.forget`, but a Redis outage must not fail a change
-    PostgreSQL has already committed: the keys Redis refused are logged and deleted again in the
-    background until it answers, so an outage does not leave a count stale for the cache's whole
-    lifetime.
+    The writers' side of the cache contract in :mod:`services.common.reserved`. A Redis outage
+    must not fail a change PostgreSQL has already committed: the keys Redis refused are logged
+    and deleted again in the background until it answers, so an outage does not leave a count
+    stale for the cache's whole lifetime.
     """
     keys = {reserved_key(str(lot_id)) for lot_id in lot_ids}
     if keys:
