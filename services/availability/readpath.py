@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -80,12 +81,22 @@ end
 return out
 """
 
-# KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count.
-# Returns false when the index is not vouched complete, else GEOSEARCH's [member, distance] list.
+# KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count,
+# first radius m.  Returns false when the index is not vouched complete, else the ``count``
+# nearest members within the radius as GEOSEARCH's [member, distance] list (fewer: all of them).
+# GEOSEARCH reads every member in the cells around the whole radius however small ``count`` is,
+# so where lots are dense it starts from a smaller radius and doubles it until ``count`` members
+# are within (those are then the nearest: any other is farther than that radius).
 _NEAREST = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
-                  'BYRADIUS', ARGV[3], 'm', 'ASC', 'COUNT', ARGV[4], 'WITHDIST')
+local radius, count = tonumber(ARGV[3]), tonumber(ARGV[4])
+local r = math.min(radius, tonumber(ARGV[5]))
+while true do
+  local hits = redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
+                          'BYRADIUS', r, 'm', 'ASC', 'COUNT', count, 'WITHDIST')
+  if #hits >= count or r >= radius then return hits end
+  r = math.min(radius, r * 2)
+end
 """
 
 
@@ -119,6 +130,28 @@ class NearbyQuery:
 class Page:
     items: list[dict[str, Any]]
     next_after: tuple[float, str] | None
+
+
+class _Reach:
+    """How far a search has to reach for ``k`` lots, from the searches before it: the first
+    radius the geo script tries (it doubles from there). A mean of the lots per square metre
+    within the k-th nearest, so a city's dense centre and sparse edges share one guess; a guess
+    too small costs a GEOSEARCH more, one too large reads more members, and neither changes
+    the answer."""
+
+    SLACK = 1.25  # the radius tried is this much beyond the guess
+
+    def __init__(self) -> None:
+        self.density = 0.0  # lots per square metre; 0: no search yet, try the whole radius
+
+    def radius_for(self, k: int, radius: float) -> float:
+        if self.density <= 0.0:
+            return radius
+        return min(radius, self.SLACK * math.sqrt(k / (math.pi * self.density)))
+
+    def saw(self, k: int, kth_m: float) -> None:
+        seen = k / (math.pi * max(kth_m, 1.0) ** 2)
+        self.density = seen if self.density <= 0.0 else 0.8 * self.density + 0.2 * seen
 
 
 class _MetaCache:
@@ -246,6 +279,7 @@ class ReadPath:
         self._next_refill = 0.0
         self._scripts: dict[tuple[int, str], ScriptRunner] = {}
         self._tokens = itertools.count(int(time.time() * 1000) << 20)
+        self._reach = _Reach()
 
     # -- Redis with a breaker --------------------------------------------------------------------
 
@@ -441,11 +475,14 @@ class ReadPath:
 
         def source(k: int, min_d: float, seen: Seen) -> Any:
             radius = query.radius_m + GEO_MARGIN_M
-            hits = nearest(keys=keys, args=[query.lon, query.lat, radius, k])
+            first = self._reach.radius_for(k, radius)
+            hits = nearest(keys=keys, args=[query.lon, query.lat, radius, k, first])
             if not hits:
                 if hits is None:
                     raise CacheIncomplete("the geo index is not vouched complete")
                 return []
+            if len(hits) >= k:
+                self._reach.saw(k, float(hits[-1][1]))
             new = [m for m, d in hits if float(d) >= min_d and m not in seen]
             if new:
                 self._evaluate_redis(client, new, query, now, seen)
