@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.availability import repository, stream
 from services.availability.domain import EARLIEST, LATEST, decode_cursor, encode_cursor
-from services.availability.readpath import NearbyQuery, ReadPath
+from services.availability.readpath import NearbyQuery, Page, ReadPath
 from services.common.app import json_response
 from services.common.errors import Problem, not_found, validation_problem
 from services.common.lots import SpaceType
@@ -178,29 +178,35 @@ def _lot_id(raw: str) -> str:
 def nearby() -> Response:
     """Lot views with ``distance_m``; ``next_cursor`` pages on (null on the last page)."""
     params: NearbyParams = _parse(NearbyParams, request.args.to_dict())
-    after = None
-    if params.cursor:
-        try:
-            after = decode_cursor(params.cursor)
-        except ValueError as exc:
-            raise Problem(
-                422,
-                "the request is not valid",
-                code="validation",
-                errors=[{"loc": ["query", "cursor"], "msg": str(exc)}],
-            ) from None
-    query = NearbyQuery(
+    try:
+        query = nearby_query(params)
+    except ValueError as exc:
+        raise Problem(
+            422,
+            "the request is not valid",
+            code="validation",
+            errors=[{"loc": ["query", "cursor"], "msg": str(exc)}],
+        ) from None
+    return json_response(nearby_page(readpath().nearby(query, datetime.now(UTC))))
+
+
+def nearby_query(params: NearbyParams) -> NearbyQuery:
+    """The search ``params`` ask for; ValueError if their cursor is not one of ours."""
+    return NearbyQuery(
         lat=params.lat,
         lon=params.lon,
         radius_m=params.radius_m,
         space_type=params.space_type,
         min_free=params.min_free,
         limit=params.limit,
-        after=after,
+        after=decode_cursor(params.cursor) if params.cursor else None,
     )
-    page = readpath().nearby(query, datetime.now(UTC))
+
+
+def nearby_page(page: Page) -> dict[str, Any]:
+    """The answer's body for ``page``."""
     cursor = encode_cursor(*page.next_after) if page.next_after else None
-    return json_response({"items": page.items, "next_cursor": cursor})
+    return {"items": page.items, "next_cursor": cursor}
 
 
 @bp.get(
