@@ -86,6 +86,16 @@ def status_of(
     return "open"
 
 
+def usage(lot: LotData, reserved: Mapping[str, int]) -> tuple[int, int]:
+    """(spaces, spaces taken: occupied or reserved, at most each type's capacity), the counts
+    a lot's status is judged by."""
+    total = used = 0
+    for t, cap in lot.capacity.items():
+        total += int(cap)
+        used += min(int(cap), int(lot.occupied.get(t, 0)) + int(reserved.get(t, 0)))
+    return total, used
+
+
 def lot_view(
     lot: LotData, reserved: Mapping[str, int], now: datetime, thresholds: Thresholds
 ) -> dict[str, Any]:
@@ -95,8 +105,7 @@ def lot_view(
     occupied = {t: int(lot.occupied.get(t, 0)) for t in types}
     held = {t: int(reserved.get(t, 0)) for t in types}
     free = {t: max(0, capacity[t] - occupied[t] - held[t]) for t in types}
-    total = sum(capacity.values())
-    used = sum(min(capacity[t], occupied[t] + held[t]) for t in types)
+    total, used = usage(lot, reserved)
     return {
         "id": lot.id,
         "name": lot.name,

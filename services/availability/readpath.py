@@ -16,7 +16,6 @@ again, and refills Redis once it answers again (it may have restarted empty or m
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -42,11 +41,13 @@ from services.availability.domain import (
     lot_view,
     matches,
     parse_time,
+    status_of,
+    usage,
 )
 from services.availability.settings import ReadPathSettings
 from services.common import livestate, reserved
 from services.common.db import Database
-from services.common.redis import ScriptRunner, connect
+from services.common.redis import AutoPipeline, ScriptRunner, connect
 
 log = logging.getLogger("parking.availability")
 
@@ -54,32 +55,6 @@ GEO_COMPLETE_KEY = "lots:geo:complete"
 REFILL_LOCK_KEY = "lots:geo:refilling"
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
 
-
-# KEYS: per lot its ``lot:``, ``lotmeta:`` and ``reserved:`` keys.  ARGV: lease token, lease ms.
-# Returns per lot: the live hash (flat), the meta JSON (or nil) and the reserved hash (flat), or 0
-# where the reserved counts were not cached: then this call took the fill lease on them
-# (services.common.reserved), in the same round trip.
-_READ = """
-local out = {}
-for i = 1, #KEYS, 3 do
-  local state = redis.call('HGETALL', KEYS[i])
-  local meta = redis.call('GET', KEYS[i + 1])
-  local held = redis.call('HGETALL', KEYS[i + 2])
-  local filled = false
-  for j = 1, #held, 2 do
-    if held[j] == '_ok' then filled = true end
-  end
-  if not filled and #state > 0 then
-    redis.call('HSET', KEYS[i + 2], '_lease', ARGV[1])
-    redis.call('PEXPIRE', KEYS[i + 2], tonumber(ARGV[2]))
-    held = 0
-  end
-  out[#out + 1] = state
-  out[#out + 1] = meta
-  out[#out + 1] = held
-end
-return out
-"""
 
 # KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count,
 # first radius m.  Returns false when the index is not vouched complete, else the ``count``
@@ -100,8 +75,11 @@ end
 """
 
 
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def _hash(reply: Any) -> dict[str, str]:
+    """A hash as HGETALL answers it: a map (RESP3) or a flat field/value list (RESP2)."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 # A search source fetches the ``k`` nearest candidates (from ``min_d`` metres on, where it can)
@@ -154,39 +132,72 @@ class _Reach:
         self.density = seen if self.density <= 0.0 else 0.8 * self.density + 0.2 * seen
 
 
-class _MetaCache:
-    """Parsed ``lotmeta:`` JSON by lot, reused while Redis holds the same text: the registry
-    summary changes when its operator edits the lot, the counts beside it on every event, and
-    parsing the summary again per read was a quarter of a search's work. Bounded: past
-    ``MAX`` lots it starts again empty."""
+@dataclass(slots=True)
+class _Entry:
+    meta_json: str
+    meta: dict[str, Any]
+    state: Mapping[str, str]
+    lot: LotData
+    counts: dict[str, int] | None = None  # the reserved counts ``view`` shows
+    view: dict[str, Any] | None = None
+    usage: tuple[int, int] = (0, 0)
+    thresholds: Thresholds | None = None
 
-    MAX = 250_000
+
+class _Lots:
+    """Lots read from Redis, and their views, by lot id, reused while Redis holds the same
+    text: parsing a lot's registry summary and live hash and building its view were most of a
+    search's work per lot, and most reads find a lot as the last one left it (its summary
+    changes when its operator edits the lot, its live hash on each event, and then only the
+    hash is parsed again). A view is reused for the same counts while its status holds (opening
+    hours and the age of its data are judged again at every read). Bounded: past ``MAX`` lots it
+    starts again empty."""
+
+    MAX = 100_000
 
     def __init__(self) -> None:
-        self._parsed: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._entries: dict[str, _Entry] = {}
 
-    def get(self, lot_id: str, meta_json: str) -> dict[str, Any]:
-        hit = self._parsed.get(lot_id)
-        if hit is not None and hit[0] == meta_json:
-            return hit[1]
-        meta = orjson.loads(meta_json)
-        if len(self._parsed) >= self.MAX:
-            self._parsed = {}
-        self._parsed[lot_id] = (meta_json, meta)
-        return meta
+    def lot(self, lot_id: str, meta_json: str, state: Mapping[str, str]) -> LotData:
+        """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash."""
+        entry = self._entries.get(lot_id)
+        if entry is not None and entry.meta_json == meta_json:
+            if entry.state == state:
+                return entry.lot
+            meta = entry.meta
+        else:
+            meta = orjson.loads(meta_json)
+        lot = lot_from_redis(lot_id, meta, state)
+        if len(self._entries) >= self.MAX:
+            self._entries = {}
+        self._entries[lot_id] = _Entry(meta_json, meta, state, lot)
+        return lot
+
+    def view(
+        self, lot: LotData, counts: dict[str, int], now: datetime, thresholds: Thresholds
+    ) -> dict[str, Any]:
+        """``lot_view(lot, counts, now, thresholds)``: the one built last for this lot and
+        these counts while its status is the same."""
+        entry = self._entries.get(lot.id)
+        if entry is None or entry.lot is not lot:  # not read through here (or evicted since)
+            return lot_view(lot, counts, now, thresholds)
+        view = entry.view
+        if view is not None and entry.counts == counts and entry.thresholds is thresholds:
+            total, used = entry.usage
+            if status_of(lot, total, used, now, thresholds) == view["status"]:
+                return view
+        view = lot_view(lot, counts, now, thresholds)
+        entry.view, entry.counts, entry.thresholds = view, dict(counts), thresholds
+        entry.usage = usage(lot, counts)
+        return view
 
 
-_META = _MetaCache()
-
-
-def lot_from_redis(lot_id: str, meta_json: str, state: Sequence[str]) -> LotData:
-    """A lot from its ``lotmeta:`` JSON and its ``lot:`` hash as a flat field/value list."""
-    meta = _META.get(lot_id, meta_json)
+def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str]) -> LotData:
+    """A lot from its parsed ``lotmeta:`` JSON and its ``lot:`` hash."""
     occupied: dict[str, int] = {}
     capacity: dict[str, int] = {}
     version, updated_at = 0, None
-    for n in range(0, len(state), 2):
-        field, value = state[n], state[n + 1]
+    for field, value in state.items():
         if field[:2] == "o:":
             occupied[field[2:]] = int(value)
         elif field[:2] == "c:":
@@ -278,8 +289,9 @@ class ReadPath:
         self._refilling = False
         self._next_refill = 0.0
         self._scripts: dict[tuple[int, str], ScriptRunner] = {}
-        self._tokens = itertools.count(int(time.time() * 1000) << 20)
+        self._pipelines: dict[int, AutoPipeline] = {}
         self._reach = _Reach()
+        self._lots = _Lots()
 
     # -- Redis with a breaker --------------------------------------------------------------------
 
@@ -365,25 +377,28 @@ class ReadPath:
     ) -> list[tuple[LotData, dict[str, int]] | None]:
         """Each lot from Redis with its reserved counts (filled from PostgreSQL where not
         cached), or None where Redis lacks the lot."""
-        keys: list[str] = []
+        commands: list[tuple[str, str]] = []
         for lot_id in lot_ids:
-            keys += [livestate.lot_key(lot_id), livestate.meta_key(lot_id)]
-            keys.append(reserved.reserved_key(lot_id))
-        token = f"{os.getpid()}:{next(self._tokens)}"
-        replies = self._script(client, _READ)(keys=keys, args=[token, reserved.LEASE_TTL_MS])
+            commands += [
+                ("HGETALL", livestate.lot_key(lot_id)),
+                ("GET", livestate.meta_key(lot_id)),
+                ("HGETALL", reserved.reserved_key(lot_id)),
+            ]
+        replies = self._pipeline(client)(*commands)
         out: list[tuple[LotData, dict[str, int]] | None] = []
         leased: list[str] = []
         for n, lot_id in enumerate(lot_ids):
-            state, meta, held = replies[3 * n : 3 * n + 3]
+            state, meta, held = _hash(replies[3 * n]), replies[3 * n + 1], replies[3 * n + 2]
             if not state or not meta:
                 out.append(None)
                 continue
-            counts = reserved.decode(_pairs(held)) if held else None
+            counts = reserved.decode(_hash(held))
             if counts is None:
                 leased.append(lot_id)
                 counts = {}
-            out.append((lot_from_redis(lot_id, meta, state), counts))
-        if leased:
+            out.append((self._lots.lot(lot_id, meta, state), counts))
+        if leased:  # not cached: fill from PostgreSQL, read after taking the fill lease
+            token = reserved.lease(client, leased)
             with self.db.connection() as conn:
                 snapshot = reserved.reserved_snapshot(conn, leased, now)
             reserved.store(client, token, snapshot, now, self.tuning.reserved_cache_max_s)
@@ -391,6 +406,13 @@ class ReadPath:
                 if found is not None and found[0].id in snapshot:
                     out[n] = (found[0], snapshot[found[0].id].counts)
         return out
+
+    def _pipeline(self, client: redis.Redis) -> AutoPipeline:
+        """The auto-pipeline of plain commands to ``client``'s server."""
+        pipeline = self._pipelines.get(id(client))
+        if pipeline is None:
+            pipeline = self._pipelines[id(client)] = AutoPipeline(client)
+        return pipeline
 
     def _script(self, client: redis.Redis, source: str) -> ScriptRunner:
         """The runner of ``source`` on ``client``'s server (one per script and client)."""
@@ -404,7 +426,7 @@ class ReadPath:
         if found is None:
             return None
         lot, counts = found
-        return lot.version, lot_view(lot, counts, now, self.thresholds)
+        return lot.version, self._lots.view(lot, counts, now, self.thresholds)
 
     def _detail_pg(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
         with self.db.connection() as conn:
@@ -465,7 +487,8 @@ class ReadPath:
         items = []
         for d, i in found[: query.limit]:
             _, lot, held = seen[i]
-            items.append({**lot_view(lot, held, now, self.thresholds), "distance_m": round(d, 1)})
+            view = self._lots.view(lot, held, now, self.thresholds)
+            items.append({**view, "distance_m": round(d, 1)})
         next_after = found[query.limit - 1] if len(found) > query.limit else None
         return Page(items, next_after)
 

@@ -49,13 +49,12 @@ _PENDING: Any = object()
 
 
 class _Call:
-    """One caller's run of the script: its arguments, then its reply or error."""
+    """One caller's commands, then their replies or its error."""
 
-    __slots__ = ("args", "done", "error", "keys", "lead", "reply")
+    __slots__ = ("commands", "done", "error", "lead", "reply")
 
-    def __init__(self, keys: Sequence[str], args: Sequence[Any]) -> None:
-        self.keys = keys
-        self.args = args
+    def __init__(self, commands: Sequence[Sequence[Any]]) -> None:
+        self.commands = commands
         self.reply: Any = _PENDING
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -67,32 +66,31 @@ class _Call:
         return self.reply
 
 
-class ScriptRunner:
-    """One Lua script run over a connection of its own, with the calls that arrive while a run
-    is in flight sent together in the next one (auto-pipelining, as ioredis does).
+class AutoPipeline:
+    """Commands sent over a connection of its own, with the calls that arrive while a write is
+    in flight sent together in the next one (auto-pipelining, as ioredis does).
 
-    redis-py's ``Script.__call__`` goes through layers per call that cost more CPU than the
-    script on the platform's hottest read (lot detail): a pool checkout that polls the socket
-    for stray bytes, a retry wrapper, observability hooks. This sends ``EVALSHA`` on a redis-py
-    connection it holds (made by the client's pool, so with its URL, timeouts and decoding),
-    loading the script once when Redis does not know it. Under load one write and one read
-    then carry many callers' runs, which saves both this process and Redis a system call and a
-    wake-up per run; a caller alone is sent at once, as before. Each caller gets its own reply
-    or error; a connection that failed in any way is disconnected, never reused, and every call
-    it carried gets redis-py's error.
+    redis-py's command path goes through layers per call that cost more CPU than the commands
+    on the platform's hottest reads (lot detail, nearby search): a pool checkout that polls the
+    socket for stray bytes, a retry wrapper, observability hooks. This sends on a redis-py
+    connection it holds (made by the client's pool, so with its URL, timeouts and decoding).
+    Under load one write and one read then carry many callers' commands, which saves both this
+    process and Redis a system call and a wake-up per call; a caller alone is sent at once.
+    Each caller gets its own replies or error (the first error among its commands); a
+    connection that failed in any way is disconnected, never reused, and every call it carried
+    gets redis-py's error.
     """
 
-    def __init__(self, client: redis.Redis, source: str) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.pool = client.connection_pool
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis' script id
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
         self._sending = False
 
-    def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        call = _Call(keys, args)
+    def __call__(self, *commands: Sequence[Any]) -> list[Any]:
+        """The replies of ``commands`` (each a command and its arguments), in order."""
+        call = _Call(commands)
         with self._lock:
             self._queue.append(call)
             lead = not self._sending
@@ -104,9 +102,9 @@ class ScriptRunner:
                 self._abandon(call)
                 raise
             if not call.lead:
-                return call.result()
+                return call.result()  # type: ignore[no-any-return]
         self._send_queued()
-        return call.result()
+        return call.result()  # type: ignore[no-any-return]
 
     def _send_queued(self) -> None:
         with self._lock:
@@ -149,9 +147,7 @@ class ScriptRunner:
         try:
             unknown = self._exchange(conn, batch)
             if unknown:
-                conn.send_command("SCRIPT", "LOAD", self.source)
-                conn.read_response()
-                self._exchange(conn, unknown)
+                self._reload(conn, unknown)
         except BaseException as exc:
             conn.disconnect()
             for call in batch:
@@ -164,21 +160,51 @@ class ScriptRunner:
             return
         self._idle.append(conn)
 
+    def _reload(self, conn: Any, unknown: list[_Call]) -> None:
+        """Calls that named a script Redis lacks: they fail (a script runner loads it)."""
+        for call in unknown:
+            call.error = NoScriptError("no such script")
+
     def _exchange(self, conn: Any, calls: list[_Call]) -> list[_Call]:
-        """Send ``calls`` in one write, read their replies; return those Redis lacked the
-        script for."""
-        conn.send_packed_command(
-            conn.pack_commands(("EVALSHA", self.sha, len(c.keys), *c.keys, *c.args) for c in calls)
-        )
+        """Send ``calls`` in one write, read their replies; return those that named a script
+        Redis lacks."""
+        conn.send_packed_command(conn.pack_commands(cmd for call in calls for cmd in call.commands))
         unknown: list[_Call] = []
         for call in calls:
-            try:
-                call.reply = conn.read_response()
-            except NoScriptError:
+            replies: list[Any] = []
+            missing = False
+            for _ in call.commands:  # every reply is read, so the connection stays in step
+                try:
+                    replies.append(conn.read_response())
+                except NoScriptError:
+                    missing = True
+                except redis.ResponseError as exc:  # the command failed; the connection is fine
+                    call.error = call.error or exc
+            if missing:
                 unknown.append(call)
-            except redis.ResponseError as exc:  # the script failed; the connection is fine
-                call.error = exc
+            elif call.error is None:
+                call.reply = replies
         return unknown
+
+
+class ScriptRunner(AutoPipeline):
+    """One Lua script run with ``EVALSHA`` through an :class:`AutoPipeline`, loading the
+    script once when Redis does not know it (redis-py's ``Script.__call__`` without its layers
+    per call)."""
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        super().__init__(client)
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis' script id
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:  # type: ignore[override]
+        return super().__call__(("EVALSHA", self.sha, len(keys), *keys, *args))[0]
+
+    def _reload(self, conn: Any, unknown: list[_Call]) -> None:
+        conn.send_command("SCRIPT", "LOAD", self.source)
+        conn.read_response()
+        for call in self._exchange(conn, unknown):
+            call.error = NoScriptError("the script was loaded and is still unknown")
 
 
 def celery_broker_url(url: str) -> str:

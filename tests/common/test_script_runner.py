@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.common.redis import ScriptRunner
+from services.common.redis import AutoPipeline, ScriptRunner
 
 # Echoes its key and argument; fails when asked to; counts its runs in one key.
 ECHO = """
@@ -128,7 +128,8 @@ def test_a_caller_gone_while_chosen_to_send_hands_the_batch_on(redis_client: red
 
     script, _ = runner(redis_client)
     runs = f"test:runs:{uuid.uuid4().hex}"
-    gone, behind = _Call(["a", runs], ["1"]), _Call(["b", runs], ["2"])
+    gone = _Call([("EVALSHA", script.sha, 2, "a", runs, "1")])
+    behind = _Call([("EVALSHA", script.sha, 2, "b", runs, "2")])
     with script._lock:  # two callers wait behind a batch in flight
         script._sending = True
         script._queue += [gone, behind]
@@ -139,6 +140,52 @@ def test_a_caller_gone_while_chosen_to_send_hands_the_batch_on(redis_client: red
 
     assert behind.lead and behind.done.is_set()
     script._send_queued()  # what the woken caller does
-    assert behind.result() == ["b", "2"]
+    assert behind.result() == [["b", "2"]]
     assert not script._sending and not script._queue
     assert script(["c", runs], ["3"]) == ["c", "3"]  # and the runner still serves callers
+
+
+def test_plain_commands_share_round_trips_and_fail_only_their_caller(
+    redis_client: redis.Redis,
+) -> None:
+    """AutoPipeline, under ScriptRunner: several commands per call, replies in order, and a
+    command Redis refuses (WRONGTYPE) fails its caller alone while the replies after it are
+    still read, so the connection stays in step."""
+    pipeline = AutoPipeline(redis_client)
+    counting = CountingPool(redis_client.connection_pool)
+    pipeline.pool = counting  # type: ignore[assignment]
+    prefix = f"test:pipe:{uuid.uuid4().hex}"
+    redis_client.set(f"{prefix}:string", "s")
+    callers, calls_each = 12, 40
+    results: dict[int, list[Any]] = {n: [] for n in range(callers)}
+    start = threading.Barrier(callers, timeout=30)
+
+    def call(n: int) -> None:
+        start.wait()
+        for i in range(calls_each):
+            key = f"{prefix}:{n}"
+            try:
+                if n % 3 == 0 and i % 5 == 0:
+                    pipeline(("INCR", key), ("HGETALL", f"{prefix}:string"), ("GET", key))
+                    results[n].append("no error")
+                else:
+                    results[n].append(pipeline(("INCR", key), ("GET", key), ("EXISTS", key)))
+            except redis.ResponseError as exc:
+                results[n].append(type(exc).__name__)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    for n in range(callers):
+        count = 0
+        for i, got in enumerate(results[n]):
+            count += 1
+            if n % 3 == 0 and i % 5 == 0:
+                assert got == "ResponseError", (n, i, got)
+            else:
+                assert got == [count, str(count), 1], (n, i, got)
+    assert counting.writes < callers * calls_each
+    assert pipeline(("GET", f"{prefix}:string")) == ["s"]

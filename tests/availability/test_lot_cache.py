@@ -1,0 +1,83 @@
+"""The read path's lot cache answers what parsing and building afresh would, whatever the
+sequence of reads: summaries edited, counts moving, reservations changing, time passing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.availability.domain import Thresholds, lot_view
+from services.availability.readpath import _Lots, lot_from_redis
+
+THRESHOLDS = Thresholds(unknown_after_s=600.0, almost_full_ratio=0.9)
+START = datetime(2026, 12, 2, 7, 0, tzinfo=UTC)
+IDS = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222")
+
+
+def meta_json(name: str, hours: str) -> str:
+    return orjson.dumps(
+        {
+            "id": "x",
+            "name": name,
+            "location": {"lat": 30.2, "lon": 120.1},
+            "district": "xihu",
+            "address": None,
+            "opening_hours": hours,
+            "timezone": "Asia/Shanghai",
+            "tariff": {"currency": "CNY", "per_hour": "5.00"},
+        }
+    ).decode()
+
+
+def state(version: int, occupied: int, updated: datetime) -> dict[str, str]:
+    return {"v": str(version), "u": updated.isoformat(), "o:standard": str(occupied),
+            "c:standard": "10", "o:ev": "1", "c:ev": "2"}  # fmt: skip
+
+
+read = st.tuples(
+    st.sampled_from(IDS),
+    st.sampled_from(["north", "south"]),  # the operator renames the lot
+    st.sampled_from(["24/7", "Mo-Fr 08:00-20:00"]),
+    st.integers(0, 3),  # the version
+    st.integers(0, 10),  # occupied standard spaces
+    st.integers(0, 900),  # seconds from the start to the lot's last update
+    st.dictionaries(st.sampled_from(["standard", "ev"]), st.integers(0, 3), max_size=2),
+    st.integers(0, 1800),  # seconds from the start to the read
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(read, min_size=1, max_size=40))
+def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any]) -> None:
+    lots = _Lots()
+    for lot_id, name, hours, version, occupied, updated_s, counts, now_s in reads:
+        meta = meta_json(name, hours)
+        live = state(version, occupied, START + timedelta(seconds=updated_s))
+        now = START + timedelta(seconds=now_s)
+        lot = lots.lot(lot_id, meta, dict(live))
+        fresh = lot_from_redis(lot_id, orjson.loads(meta), live)
+        assert lot == fresh
+        assert lots.view(lot, dict(counts), now, THRESHOLDS) == lot_view(
+            fresh, counts, now, THRESHOLDS
+        )
+
+
+def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
+    lots = _Lots()
+    meta, live = meta_json("north", "24/7"), state(1, 4, START)
+    lot = lots.lot(IDS[0], meta, live)
+    assert lots.lot(IDS[0], str(meta), dict(live)) is lot  # equal text, other objects
+    view = lots.view(lot, {}, START, THRESHOLDS)
+    assert lots.view(lot, {}, START + timedelta(seconds=1), THRESHOLDS) is view
+    assert view["status"] == "open" and view["free"]["standard"] == 6
+    held = lots.view(lot, {"standard": 6}, START, THRESHOLDS)
+    assert held["free"]["standard"] == 0 and held["reserved"]["standard"] == 6
+    stale = lots.view(lot, {"standard": 6}, START + timedelta(seconds=601), THRESHOLDS)
+    assert stale["status"] == "unknown"
+    moved = lots.lot(IDS[0], meta, state(2, 5, START))
+    assert moved is not lot and moved.occupied["standard"] == 5
+    assert lots.view(moved, {}, START, THRESHOLDS)["free"]["standard"] == 5
