@@ -135,7 +135,6 @@ class _Reach:
 @dataclass(slots=True)
 class _Entry:
     meta_json: str
-    meta: dict[str, Any]
     state: Mapping[str, str]
     lot: LotData
     counts: dict[str, int] | None = None  # the reserved counts ``view`` shows
@@ -148,29 +147,38 @@ class _Lots:
     """Lots read from Redis, and their views, by lot id, reused while Redis holds the same
     text: parsing a lot's registry summary and live hash and building its view were most of a
     search's work per lot, and most reads find a lot as the last one left it (its summary
-    changes when its operator edits the lot, its live hash on each event, and then only the
-    hash is parsed again). A view is reused for the same counts while its status holds (opening
-    hours and the age of its data are judged again at every read). Bounded: past ``MAX`` lots it
-    starts again empty."""
+    changes when its operator edits the lot, its live hash on each event). A view is reused
+    for the same reserved counts while its status holds (opening hours and the age of the data
+    are judged again at every read).
 
-    MAX = 100_000
+    Bounded to about ``size`` lots in two generations: lots read since the young one filled
+    stay, and when it fills again the older one is dropped (a cheap least-recently-read)."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+    def __init__(self, size: int) -> None:
+        self.half = max(1, size // 2)
+        self._young: dict[str, _Entry] = {}
+        self._old: dict[str, _Entry] = {}
+
+    def _get(self, lot_id: str) -> _Entry | None:
+        entry = self._young.get(lot_id)
+        if entry is None:
+            entry = self._old.pop(lot_id, None)
+            if entry is not None:
+                self._put(lot_id, entry)
+        return entry
+
+    def _put(self, lot_id: str, entry: _Entry) -> None:
+        if len(self._young) >= self.half:
+            self._old, self._young = self._young, {}
+        self._young[lot_id] = entry
 
     def lot(self, lot_id: str, meta_json: str, state: Mapping[str, str]) -> LotData:
         """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash."""
-        entry = self._entries.get(lot_id)
-        if entry is not None and entry.meta_json == meta_json:
-            if entry.state == state:
-                return entry.lot
-            meta = entry.meta
-        else:
-            meta = orjson.loads(meta_json)
-        lot = lot_from_redis(lot_id, meta, state)
-        if len(self._entries) >= self.MAX:
-            self._entries = {}
-        self._entries[lot_id] = _Entry(meta_json, meta, state, lot)
+        entry = self._get(lot_id)
+        if entry is not None and entry.state == state and entry.meta_json == meta_json:
+            return entry.lot
+        lot = lot_from_redis(lot_id, orjson.loads(meta_json), state)
+        self._put(lot_id, _Entry(meta_json, state, lot))
         return lot
 
     def view(
@@ -178,8 +186,8 @@ class _Lots:
     ) -> dict[str, Any]:
         """``lot_view(lot, counts, now, thresholds)``: the one built last for this lot and
         these counts while its status is the same."""
-        entry = self._entries.get(lot.id)
-        if entry is None or entry.lot is not lot:  # not read through here (or evicted since)
+        entry = self._young.get(lot.id) or self._old.get(lot.id)
+        if entry is None or entry.lot is not lot:  # not read through here (or dropped since)
             return lot_view(lot, counts, now, thresholds)
         view = entry.view
         if view is not None and entry.counts == counts and entry.thresholds is thresholds:
@@ -291,7 +299,7 @@ class ReadPath:
         self._scripts: dict[tuple[int, str], ScriptRunner] = {}
         self._pipelines: dict[int, AutoPipeline] = {}
         self._reach = _Reach()
-        self._lots = _Lots()
+        self._lots = _Lots(tuning.lot_cache_max)
 
     # -- Redis with a breaker --------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ class ReadPathSettings(BaseSettings):
     redis_retry_after_s: float = Field(
         1.0, ge=0, description="after a Redis failure, serve from PostgreSQL this long"
     )
+    # Each cached lot costs about 3 KB of this process's memory.
+    lot_cache_max: int = Field(
+        50_000, ge=0, le=1_000_000, description="lots (and their views) kept parsed per process"
+    )
     refill_chunk: int = Field(5000, ge=100, le=100_000, description="lots per refill batch")
     stream_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")
     stream_retry_ms: int = Field(2000, ge=100, description="SSE reconnect delay for clients")

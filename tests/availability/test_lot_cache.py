@@ -51,9 +51,9 @@ read = st.tuples(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(read, min_size=1, max_size=40))
-def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any]) -> None:
-    lots = _Lots()
+@given(st.lists(read, min_size=1, max_size=40), st.sampled_from([1, 2, 3, 1000]))
+def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any], size: int) -> None:
+    lots = _Lots(size)
     for lot_id, name, hours, version, occupied, updated_s, counts, now_s in reads:
         meta = meta_json(name, hours)
         live = state(version, occupied, START + timedelta(seconds=updated_s))
@@ -67,7 +67,7 @@ def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any]) 
 
 
 def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
-    lots = _Lots()
+    lots = _Lots(1000)
     meta, live = meta_json("north", "24/7"), state(1, 4, START)
     lot = lots.lot(IDS[0], meta, live)
     assert lots.lot(IDS[0], str(meta), dict(live)) is lot  # equal text, other objects
@@ -81,3 +81,16 @@ def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
     moved = lots.lot(IDS[0], meta, state(2, 5, START))
     assert moved is not lot and moved.occupied["standard"] == 5
     assert lots.view(moved, {}, START, THRESHOLDS)["free"]["standard"] == 5
+
+
+def test_it_keeps_about_its_size_and_the_lots_read_lately() -> None:
+    lots = _Lots(100)
+    meta = meta_json("north", "24/7")
+    ids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(1000)]
+    kept = lots.lot(ids[0], meta, state(1, 1, START))
+    for n, lot_id in enumerate(ids[1:]):
+        lots.lot(lot_id, meta, state(1, 1, START))
+        if n % 10 == 0:
+            assert lots.lot(ids[0], meta, state(1, 1, START)) is kept  # read often: kept
+    assert len(lots._young) + len(lots._old) <= 100
+    assert ids[1] not in lots._young and ids[1] not in lots._old  # read once, long ago: dropped
