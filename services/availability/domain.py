@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -29,9 +29,11 @@ EARTH_RADIUS_M = 6372797.560856
 GEO_MARGIN_M = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class LotData:
-    """A live lot: registry summary plus live counts (capacity and occupied per type)."""
+class LotData(NamedTuple):
+    """A live lot: registry summary plus live counts (capacity and occupied per type).
+
+    A tuple of strings, numbers and flat dicts, so the garbage collector stops tracking it: a
+    read path caching many lots then costs no longer collections (see ``readpath._Lots``)."""
 
     id: str
     name: str

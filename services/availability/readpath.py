@@ -46,6 +46,7 @@ from services.availability.domain import (
 )
 from services.availability.settings import ReadPathSettings
 from services.common import livestate, reserved
+from services.common.app import dumps
 from services.common.db import Database
 from services.common.redis import AutoPipeline, ScriptRunner, connect
 
@@ -106,7 +107,7 @@ class NearbyQuery:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    items: list[dict[str, Any]]
+    items: list[Any]  # each a lot view with its distance_m, as JSON (orjson.Fragment)
     next_after: tuple[float, str] | None
 
 
@@ -132,17 +133,6 @@ class _Reach:
         self.density = seen if self.density <= 0.0 else 0.8 * self.density + 0.2 * seen
 
 
-@dataclass(slots=True)
-class _Entry:
-    meta_json: str
-    state: Mapping[str, str]
-    lot: LotData
-    counts: dict[str, int] | None = None  # the reserved counts ``view`` shows
-    view: dict[str, Any] | None = None
-    usage: tuple[int, int] = (0, 0)
-    thresholds: Thresholds | None = None
-
-
 class _Lots:
     """Lots read from Redis, and their views, by lot id, reused while Redis holds the same
     text: parsing a lot's registry summary and live hash and building its view were most of a
@@ -151,15 +141,22 @@ class _Lots:
     for the same reserved counts while its status holds (opening hours and the age of the data
     are judged again at every read).
 
-    Bounded to about ``size`` lots in two generations: lots read since the young one filled
-    stay, and when it fills again the older one is dropped (a cheap least-recently-read)."""
+    An entry is a plain tuple of strings, numbers, flat dicts and the view's JSON, which the
+    garbage collector stops tracking (it untracks exact tuples of untracked things, not named
+    ones): a cache of objects it walks made each full collection of a busy worker take tens of
+    milliseconds. Bounded to about ``size`` lots in two generations: lots read since the young
+    one filled stay, and when it fills again the older one is dropped (least recently read)."""
 
-    def __init__(self, size: int) -> None:
+    # an entry: (meta_json, state, lot, reserved counts, view JSON, status, usage), the dicts
+    # among them as tuples of their items and the tariff as its JSON (see _pack), the last
+    # four empty until the lot's view is built
+    def __init__(self, size: int, thresholds: Thresholds) -> None:
         self.half = max(1, size // 2)
-        self._young: dict[str, _Entry] = {}
-        self._old: dict[str, _Entry] = {}
+        self.thresholds = thresholds
+        self._young: dict[str, tuple[Any, ...]] = {}
+        self._old: dict[str, tuple[Any, ...]] = {}
 
-    def _get(self, lot_id: str) -> _Entry | None:
+    def _get(self, lot_id: str) -> tuple[Any, ...] | None:
         entry = self._young.get(lot_id)
         if entry is None:
             entry = self._old.pop(lot_id, None)
@@ -167,37 +164,68 @@ class _Lots:
                 self._put(lot_id, entry)
         return entry
 
-    def _put(self, lot_id: str, entry: _Entry) -> None:
-        if len(self._young) >= self.half:
+    def _put(self, lot_id: str, entry: tuple[Any, ...]) -> None:
+        if len(self._young) >= self.half and lot_id not in self._young:
             self._old, self._young = self._young, {}
         self._young[lot_id] = entry
 
     def lot(self, lot_id: str, meta_json: str, state: Mapping[str, str]) -> LotData:
         """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash."""
         entry = self._get(lot_id)
-        if entry is not None and entry.state == state and entry.meta_json == meta_json:
-            return entry.lot
+        items = tuple(state.items())
+        if entry is not None and entry[1] == items and entry[0] == meta_json:
+            return _unpack(entry[2])
         lot = lot_from_redis(lot_id, orjson.loads(meta_json), state)
-        self._put(lot_id, _Entry(meta_json, state, lot))
+        self._put(lot_id, (meta_json, items, _pack(lot), (), b"", "", (0, 0)))
         return lot
 
-    def view(
-        self, lot: LotData, counts: dict[str, int], now: datetime, thresholds: Thresholds
-    ) -> dict[str, Any]:
-        """``lot_view(lot, counts, now, thresholds)``: the one built last for this lot and
-        these counts while its status is the same."""
-        entry = self._young.get(lot.id) or self._old.get(lot.id)
-        if entry is None or entry.lot is not lot:  # not read through here (or dropped since)
-            return lot_view(lot, counts, now, thresholds)
-        view = entry.view
-        if view is not None and entry.counts == counts and entry.thresholds is thresholds:
-            total, used = entry.usage
-            if status_of(lot, total, used, now, thresholds) == view["status"]:
-                return view
-        view = lot_view(lot, counts, now, thresholds)
-        entry.view, entry.counts, entry.thresholds = view, dict(counts), thresholds
-        entry.usage = usage(lot, counts)
+    def view(self, lot: LotData, counts: Mapping[str, int], now: datetime) -> bytes:
+        """The JSON of ``lot_view(lot, counts, now, thresholds)``: the one built last for this
+        lot and these counts while its status is the same."""
+        entry = self._young.get(lot.id)
+        packed = _pack(lot)
+        if entry is None or entry[2] != packed:  # not read through here (or dropped since)
+            return dumps(lot_view(lot, counts, now, self.thresholds))
+        meta_json, items, _, held, view, status, (total, used) = entry
+        if (
+            view
+            and held == tuple(counts.items())
+            and status_of(lot, total, used, now, self.thresholds) == status
+        ):
+            return view  # type: ignore[no-any-return]
+        built = lot_view(lot, counts, now, self.thresholds)
+        view = dumps(built)
+        self._young[lot.id] = (
+            meta_json, items, packed, tuple(counts.items()), view, built["status"],
+            usage(lot, counts),
+        )  # fmt: skip
         return view
+
+
+def _pack(lot: LotData) -> tuple[Any, ...]:
+    """``lot`` as a plain tuple without dicts (its counts as items, its tariff as JSON)."""
+    return (
+        *lot[:8],
+        None if lot.tariff is None else orjson.dumps(lot.tariff),
+        tuple(lot.capacity.items()),
+        tuple(lot.occupied.items()),
+        lot.version,
+        lot.updated_at,
+    )
+
+
+def _unpack(packed: tuple[Any, ...]) -> LotData:
+    tariff, capacity, occupied, version, updated_at = packed[8:]
+    return LotData._make(
+        (
+            *packed[:8],
+            None if tariff is None else orjson.loads(tariff),
+            dict(capacity),
+            dict(occupied),
+            version,
+            updated_at,
+        )
+    )
 
 
 def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str]) -> LotData:
@@ -299,7 +327,7 @@ class ReadPath:
         self._scripts: dict[tuple[int, str], ScriptRunner] = {}
         self._pipelines: dict[int, AutoPipeline] = {}
         self._reach = _Reach()
-        self._lots = _Lots(tuning.lot_cache_max)
+        self._lots = _Lots(tuning.lot_cache_max, thresholds)
 
     # -- Redis with a breaker --------------------------------------------------------------------
 
@@ -434,7 +462,7 @@ class ReadPath:
         if found is None:
             return None
         lot, counts = found
-        return lot.version, self._lots.view(lot, counts, now, self.thresholds)
+        return lot.version, orjson.Fragment(self._lots.view(lot, counts, now))
 
     def _detail_pg(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
         with self.db.connection() as conn:
@@ -495,8 +523,9 @@ class ReadPath:
         items = []
         for d, i in found[: query.limit]:
             _, lot, held = seen[i]
-            view = self._lots.view(lot, held, now, self.thresholds)
-            items.append({**view, "distance_m": round(d, 1)})
+            view = self._lots.view(lot, held, now)  # and its distance, as the last field
+            distance = b',"distance_m":' + orjson.dumps(round(d, 1)) + b"}"
+            items.append(orjson.Fragment(view[:-1] + distance))
         next_after = found[query.limit - 1] if len(found) > query.limit else None
         return Page(items, next_after)
 
