@@ -194,7 +194,7 @@ class _Lots:
         ):
             return view  # type: ignore[no-any-return]
         built = lot_view(lot, counts, now, self.thresholds)
-        view = dumps(built)
+        view = _kept(dumps(built))
         self._young[lot.id] = (
             meta_json, items, packed, tuple(counts.items()), view, built["status"],
             usage(lot, counts),
@@ -202,11 +202,17 @@ class _Lots:
         return view
 
 
+def _kept(data: bytes) -> bytes:
+    """A copy of orjson's output the size of its content, to keep: the output itself holds
+    the whole buffer orjson wrote it in (4 to 8 KB for a lot's view)."""
+    return memoryview(data).tobytes()
+
+
 def _pack(lot: LotData) -> tuple[Any, ...]:
     """``lot`` as a plain tuple without dicts (its counts as items, its tariff as JSON)."""
     return (
         *lot[:8],
-        None if lot.tariff is None else orjson.dumps(lot.tariff),
+        None if lot.tariff is None else _kept(orjson.dumps(lot.tariff)),
         tuple(lot.capacity.items()),
         tuple(lot.occupied.items()),
         lot.version,

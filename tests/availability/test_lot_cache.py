@@ -4,6 +4,7 @@ sequence of reads: summaries edited, counts moving, reservations changing, time 
 from __future__ import annotations
 
 import gc
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -109,3 +110,20 @@ def test_a_full_cache_leaves_the_garbage_collector_next_to_nothing_to_walk() -> 
     for _ in range(4):  # a collection stops tracking a tuple of untracked things (nested
         gc.collect()  # ones from the inside out, a level a collection at the least)
     assert len(gc.get_objects()) - before < 100
+
+
+def test_a_cached_lot_costs_a_few_kilobytes() -> None:
+    """orjson's output holds the whole buffer it was written in (4-8 KB): what the cache keeps
+    is a copy of the content's size."""
+    lots = _Lots(10_000, THRESHOLDS)
+    meta = meta_json("north" * 10, "24/7")
+    raw = [(f"00000000-0000-4000-8000-{n:012d}", state(1, n % 10, START)) for n in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for lot_id, live in raw:
+            lots.view(lots.lot(lot_id, meta, live), {"ev": 1}, START)
+        per_lot = (tracemalloc.get_traced_memory()[0] - before) / len(raw)
+    finally:
+        tracemalloc.stop()
+    assert per_lot < 3000, per_lot
