@@ -419,18 +419,18 @@ class ReadPath:
     ) -> list[tuple[LotData, dict[str, int]] | None]:
         """Each lot from Redis with its reserved counts (filled from PostgreSQL where not
         cached), or None where Redis lacks the lot."""
-        commands: list[tuple[str, str]] = []
+        commands: list[tuple[str, ...]] = [("MGET", *map(livestate.meta_key, lot_ids))]
         for lot_id in lot_ids:
             commands += [
                 ("HGETALL", livestate.lot_key(lot_id)),
-                ("GET", livestate.meta_key(lot_id)),
                 ("HGETALL", reserved.reserved_key(lot_id)),
             ]
         replies = self._pipeline(client)(*commands)
+        metas = replies[0]
         out: list[tuple[LotData, dict[str, int]] | None] = []
         leased: list[str] = []
         for n, lot_id in enumerate(lot_ids):
-            state, meta, held = _hash(replies[3 * n]), replies[3 * n + 1], replies[3 * n + 2]
+            state, meta, held = _hash(replies[2 * n + 1]), metas[n], replies[2 * n + 2]
             if not state or not meta:
                 out.append(None)
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -64,6 +64,26 @@ class _Call:
         if self.error is not None:
             raise self.error
         return self.reply
+
+
+def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
+    """``commands`` in the Redis protocol, as redis-py packs them (UTF-8 strings, ints and
+    floats in their shortest form, bytes as they are) at a third of its cost: packing was a
+    tenth of a nearby search's CPU, 78 small commands a search."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            if isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, int | float) and not isinstance(arg, bool):
+                data = repr(arg).encode()
+            else:
+                raise redis.DataError(f"cannot send {type(arg).__name__} to Redis")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 class AutoPipeline:
@@ -168,7 +188,7 @@ class AutoPipeline:
     def _exchange(self, conn: Any, calls: list[_Call]) -> list[_Call]:
         """Send ``calls`` in one write, read their replies; return those that named a script
         Redis lacks."""
-        conn.send_packed_command(conn.pack_commands(cmd for call in calls for cmd in call.commands))
+        conn.send_packed_command([pack_commands(cmd for call in calls for cmd in call.commands)])
         unknown: list[_Call] = []
         for call in calls:
             replies: list[Any] = []

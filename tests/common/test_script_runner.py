@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.common.redis import AutoPipeline, ScriptRunner
+from services.common.redis import AutoPipeline, ScriptRunner, pack_commands
 
 # Echoes its key and argument; fails when asked to; counts its runs in one key.
 ECHO = """
@@ -187,3 +187,15 @@ def test_plain_commands_share_round_trips_and_fail_only_their_caller(
                 assert got == [i + 1, str(i + 1), 1], (n, i, got)
     assert counting.writes < callers * calls_each
     assert pipeline(("GET", f"{prefix}:string")) == ["s"]
+
+
+def test_commands_are_packed_as_redis_py_packs_them(redis_client: redis.Redis) -> None:
+    conn = redis_client.connection_pool.make_connection()
+    commands = [
+        ("HGETALL", "lot:0b0c6f1e-7d1c-4e6a-9c0e-2d3f4a5b6c7d"),
+        ("EVALSHA", "ab" * 20, 2, "k", "lots:geo", 120.15, 30.25, 1005.0, 26, 1e-05, -3),
+        ("SET", "clé", "naïve ✓", b"\x00\xffraw", 0, ""),
+    ]
+    assert pack_commands(commands) == b"".join(conn.pack_commands(commands))
+    with pytest.raises(redis.DataError):
+        pack_commands([("SET", "k", True)])
