@@ -7,7 +7,6 @@ methods) reaches the Flask route, and the answers match the Flask route's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -18,17 +17,7 @@ from werkzeug.test import Client
 from services.availability.fastpath import FastLots
 from services.availability.readpath import ReadPath
 from tests.availability import facts
-
-
-class Counting:
-    """The Flask app behind the fast path, counting the requests that reach it."""
-
-    def __init__(self, app: Any) -> None:
-        self.app, self.calls = app, 0
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        self.calls += 1
-        return self.app(environ, start_response)  # type: ignore[no-any-return]
+from tests.wsgi import Counting
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,19 +22,9 @@ from services.common.config import ReservationsSettings
 from services.common.lots import LotIn
 from services.ingestion.registry import create_lot
 from services.reservations.fastpath import FastReserve
+from tests.wsgi import Counting
 
 START = (datetime.now(UTC) + timedelta(days=2)).replace(minute=0, second=0, microsecond=0)
-
-
-class Counting:
-    """The Flask app behind the fast path, counting the requests that reach it."""
-
-    def __init__(self, app: Any) -> None:
-        self.app, self.calls = app, 0
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        self.calls += 1
-        return self.app(environ, start_response)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
