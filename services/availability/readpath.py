@@ -83,11 +83,14 @@ def _hash(reply: Any) -> dict[str, str]:
     return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
-# A search source fetches the ``k`` nearest candidates (from ``min_d`` metres on, where it can)
-# and returns their approximate distances in order, evaluating new ones into ``seen`` (id ->
-# (exact distance, lot, reserved counts)). Fewer than ``k`` means every candidate was fetched.
+# A search source fetches the ``k`` nearest candidates (from ``min_d`` metres on, where it can),
+# evaluates new ones into ``seen`` (id -> (exact distance, lot, reserved counts)) and returns
+# the frontier: how near (approximately, within GEO_MARGIN_M) the nearest candidate it has not
+# evaluated may be, ``math.inf`` when it evaluated every candidate within the radius. With
+# ``page`` > 0 it may leave unevaluated candidates beyond the ``page``-th nearest that cannot
+# come before it (a search reads its page and not the whole fetch when every lot matches).
 Seen = dict[str, tuple[float, LotData, dict[str, int]]]
-Source = Callable[[int, float, Seen], list[float]]
+Source = Callable[[int, float, Seen, int], float]
 
 
 class CacheIncomplete(Exception):
@@ -512,8 +515,10 @@ class ReadPath:
         k = query.limit + 1 + max(4, query.limit // 4)
         seen: Seen = {}
         found: list[tuple[float, str]] = []
+        page = query.limit + 1  # the first fetch evaluates about a page's worth
         for _ in range(16):
-            distances = source(k, min_d, seen)
+            frontier = source(k, min_d, seen, page)
+            page = 0  # a filter left the page short: later fetches evaluate all they fetch
             found = sorted(
                 (d, i)
                 for i, (d, lot, held) in seen.items()
@@ -521,9 +526,9 @@ class ReadPath:
                 and (after is None or (d, i) > after)
                 and matches(lot, held, query.space_type, query.min_free, now)
             )
-            if len(distances) < k:
+            if frontier == math.inf:
                 break  # every candidate within the radius is evaluated
-            if len(found) > query.limit and distances[-1] > found[query.limit][0] + GEO_MARGIN_M:
+            if len(found) > query.limit and frontier > found[query.limit][0] + GEO_MARGIN_M:
                 break  # nothing unevaluated can come before the page's end
             k *= 4
         items = []
@@ -539,20 +544,31 @@ class ReadPath:
         nearest = self._script(client, _NEAREST)
         keys = [GEO_COMPLETE_KEY, livestate.GEO_KEY]
 
-        def source(k: int, min_d: float, seen: Seen) -> Any:
+        def source(k: int, min_d: float, seen: Seen, page: int) -> float:
             radius = query.radius_m + GEO_MARGIN_M
             first = self._reach.radius_for(k, radius)
             hits = nearest(keys=keys, args=[query.lon, query.lat, radius, k, first])
             if not hits:
                 if hits is None:
                     raise CacheIncomplete("the geo index is not vouched complete")
-                return []
-            if len(hits) >= k:
+                return math.inf
+            full = len(hits) >= k
+            if full:
                 self._reach.saw(k, float(hits[-1][1]))
-            new = [m for m, d in hits if float(d) >= min_d and m not in seen]
+            near = [(m, float(d)) for m, d in hits if float(d) >= min_d]
+            frontier = float(hits[-1][1]) if full else math.inf
+            if 0 < page < len(near):
+                # a lot past the page's last by more than twice the margin cannot come before
+                # it: its exact distance exceeds every one of the first ``page``'s
+                cutoff = near[page - 1][1] + 2 * GEO_MARGIN_M
+                later = [d for _, d in near if d > cutoff]
+                if later:
+                    frontier = later[0]
+                    near = near[: len(near) - len(later)]
+            new = [m for m, _ in near if m not in seen]
             if new:
                 self._evaluate_redis(client, new, query, now, seen)
-            return [float(d) for _, d in hits]
+            return frontier
 
         return source
 
@@ -573,7 +589,7 @@ class ReadPath:
     def _pg_source(self, conn: Any, query: NearbyQuery, now: datetime) -> Source:
         box = bounding_box(query.lat, query.lon, query.radius_m + GEO_MARGIN_M)
 
-        def source(k: int, min_d: float, seen: Seen) -> Any:
+        def source(k: int, min_d: float, seen: Seen, page: int) -> float:
             rows = repository.nearby_lots(
                 conn,
                 lat=query.lat,
@@ -592,7 +608,7 @@ class ReadPath:
                 distances.append(d)
                 if lot.id not in seen:
                     seen[lot.id] = (d, lot, held[lot.id])
-            return distances
+            return distances[-1] if len(rows) >= k else math.inf
 
         return source
 
