@@ -17,7 +17,9 @@ concurrent batches, patches and deletes of a lot serialize without deadlocks, an
 bumped under that lock orders the live-state writes to Redis.
 
 The work is set-based, in PostgreSQL: the validated batch goes over as one JSON array and the
-function ``ingest_events`` (migration 0102) applies it in one call, whatever the batch's size.
+function ``ingest_events`` (migrations 0102-0107) applies it in one call, whatever the batch's
+size. It claims the event ids with a plain insert, so a batch bringing an id claimed before fails
+on the key, and runs again with ``p_check``, leaving out the ids already claimed.
 Python only hashes plates, hands the gate events that may move a reservation (their plate has
 one at their lot) to the reservation lifecycle, and turns the answer into the outcome and the
 lots' live states.
@@ -38,10 +40,12 @@ from services.common.livestate import LotState
 from services.reservations.lifecycle import GateEvent, apply_gate_events
 
 log = logging.getLogger("parking.ingestion.intake")
-RETRIES = 3
+RETRIES = 4
+_CLAIMS_KEY = "event_ids_pkey"
 
 _INGEST = (
-    "SELECT * FROM ingest_events(%s::uuid, %s::uuid[], %s::json, %s::integer[], %s::timestamptz)"
+    "SELECT * FROM ingest_events("
+    "%s::uuid, %s::uuid[], %s::json, %s::integer[], %s::timestamptz, %s::boolean)"
 )
 
 # The function names a rejection by code, or code:argument; the words are said here.
@@ -123,6 +127,7 @@ def ingest(
     payload = orjson.dumps(events).decode()
     lot_ids = sorted({e["lot_id"].lower() for e in events})
     base_rejected = list(outcome.rejected)
+    check = False  # a batch normally brings new ids only: claim them without looking first
     for attempt in range(1, RETRIES + 1):
         outcome.accepted = outcome.duplicate = outcome.stale = 0
         outcome.rejected = list(base_rejected)
@@ -130,9 +135,15 @@ def ingest(
         outcome.reservations_moved = []
         try:
             with conn.transaction():
-                params = (operator_id, lot_ids, payload, index, horizon)
+                params = (operator_id, lot_ids, payload, index, horizon, check)
                 _apply(conn, params, plates, future, outcome)
             return
+        except psycopg.errors.UniqueViolation as e:
+            # an id of the batch was claimed before (a replay), or by a concurrent batch that
+            # has committed since: again, leaving out the ids claimed
+            if e.diag.constraint_name != _CLAIMS_KEY or attempt == RETRIES:
+                raise
+            check = True
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
             if attempt == RETRIES:
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.ingestion.helpers import (
     space_lot_body,
     truth,
 )
-from tests.stack import Stack, wait_for
+from tests.stack import Client, Stack, wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -359,3 +360,37 @@ def test_a_repeated_id_is_a_duplicate_of_its_first_valid_occurrence(
     body = post(operator, events[1:])
     assert body["duplicate"] == 3 and body["accepted"] == 0
     assert _log_count(conn, operator_id) == (2, 2)
+
+
+def test_concurrent_replays_of_a_batch_claim_each_id_once(
+    new_operator: Any, conn: psycopg.Connection[Any]
+) -> None:
+    """Ids are claimed by a plain insert: the batches that lose the race to the first one fail
+    on the key, run again leaving out the claimed ids, and answer duplicates, whatever the
+    overlap."""
+    operator_id, operator = new_operator()
+    lot = create_lot(operator, gate_lot_body({"standard": 500}))
+    events = [gate(lot["id"], "entry", i) for i in range(60)]
+    # each client sends the whole batch, or a part overlapping the others', at the same time
+    batches = [events, events, events[::-1], events[:40], events[20:], events[10:50]]
+    clients = [Client(operator.base) for _ in batches]  # a session per thread
+    for client in clients:
+        client.session.headers.update(operator.session.headers)
+    start = threading.Barrier(len(batches))
+    answers: list[dict[str, Any]] = [{} for _ in batches]
+
+    def run(i: int) -> None:
+        start.wait(timeout=30)
+        answers[i] = post(clients[i], batches[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(a for a in answers), answers
+    assert [a["accepted"] + a["duplicate"] for a in answers] == [len(b) for b in batches]
+    assert sum(a["accepted"] for a in answers) == len(events)
+    assert all(a["stale"] == 0 and a["rejected"] == [] for a in answers)
+    assert _log_count(conn, operator_id) == (len(events), len(events))
+    assert occupancy(conn, lot["id"]) == {"standard": len(events)}
