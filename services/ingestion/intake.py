@@ -17,9 +17,10 @@ concurrent batches, patches and deletes of a lot serialize without deadlocks, an
 bumped under that lock orders the live-state writes to Redis.
 
 The work is set-based, in PostgreSQL: the validated batch goes over as one JSON array and the
-function ``ingest_events`` (migrations 0102-0107) applies it in one call, whatever the batch's
-size. It claims the event ids with a plain insert, so a batch bringing an id claimed before fails
-on the key, and runs again with ``p_check``, leaving out the ids already claimed.
+function ``ingest_events`` (migrations 0102-0108) applies it in one call, whatever the batch's
+size. It claims the event ids with a plain insert, so a batch bringing an id claimed before (or
+twice) fails on the key, and runs again with ``p_check``, leaving out the ids already claimed
+(and the repeats).
 Python only hashes plates, hands the gate events that may move a reservation (their plate has
 one at their lot) to the reservation lifecycle, and turns the answer into the outcome and the
 lots' live states.
@@ -127,7 +128,9 @@ def ingest(
     payload = orjson.dumps(events).decode()
     lot_ids = sorted({e["lot_id"].lower() for e in events})
     base_rejected = list(outcome.rejected)
-    check = False  # a batch normally brings new ids only: claim them without looking first
+    # a batch normally brings new ids only: claim them without looking first, unless it repeats
+    # one (which would fail the plain claim)
+    check = len({e["id"] for e in events}) < len(events)
     for attempt in range(1, RETRIES + 1):
         outcome.accepted = outcome.duplicate = outcome.stale = 0
         outcome.rejected = list(base_rejected)
