@@ -143,6 +143,13 @@ class Totals:
     latencies: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def add(self, other: Totals) -> None:
+        self.events += other.events
+        self.batches += other.batches
+        self.errors += other.errors
+        self.not_accepted += other.not_accepted
+        self.latencies += other.latencies
+
 
 def push(
     stack: Stack, api_key: str, source: EventSource, batch: int, until: float, totals: Totals,
@@ -350,19 +357,14 @@ def main() -> None:
                 rss_start = rss_kib(pids)
             for g, v in used.items():
                 cpu[g] = cpu.get(g, 0.0) + v
-            totals.events += done.events
-            totals.batches += done.batches
-            totals.errors += done.errors
-            totals.not_accepted += done.not_accepted
-            totals.latencies += done.latencies
+            totals.add(done)
             pushed_s += elapsed
-            started = time.monotonic()
             copy_rate, n = copy_baseline(
                 stack.database_url, operator_id, lots, done.events or batch, clients, batch, hubs
             )
-            copied_s += time.monotonic() - started
-            copied += n
             if copy_rate:
+                copied += n
+                copied_s += n / copy_rate  # as copy_baseline timed it: from the barrier on
                 ratios.append(done.events / elapsed / copy_rate)
         rss_end = rss_kib(pids)
         rate = totals.events / max(1e-9, pushed_s)
