@@ -59,22 +59,50 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, 
 
 
 # KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count,
-# first radius m.  Returns false when the index is not vouched complete, else the ``count``
-# nearest members within the radius as GEOSEARCH's [member, distance] list (fewer: all of them).
+# first radius m, min distance m, page, margin m, and the prefixes of the registry summary, live
+# hash and reserved counts keys.  Returns false when the index is not vouched complete, else
+# {hits, skipped, data}: the ``count`` nearest members within the radius as GEOSEARCH's
+# [member, distance] list (fewer: all of them), how many of them are nearer than the min
+# distance, and for the members after those, in order, each one's summary, live hash and
+# reserved counts (3 entries a member), so a search costs one round trip and one reply.
 # GEOSEARCH reads every member in the cells around the whole radius however small ``count`` is,
 # so where lots are dense it starts from a smaller radius and doubles it until ``count`` members
-# are within (those are then the nearest: any other is farther than that radius).
+# are within (those are then the nearest: any other is farther than that radius).  With
+# ``page`` > 0 it leaves out the members past the page's last by more than twice the margin:
+# their exact distance exceeds every one of the first ``page``'s, so they cannot come before it.
+# The lots' keys are not in KEYS (the members name them): one Redis, not a cluster.
 _NEAREST = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local radius, count = tonumber(ARGV[3]), tonumber(ARGV[4])
 local r = math.min(radius, tonumber(ARGV[5]))
+local hits
 while true do
-  local hits = redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
-                          'BYRADIUS', r, 'm', 'ASC', 'COUNT', count, 'WITHDIST')
-  if #hits >= count or r >= radius then return hits end
+  hits = redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
+                    'BYRADIUS', r, 'm', 'ASC', 'COUNT', count, 'WITHDIST')
+  if #hits >= count or r >= radius then break end
   r = math.min(radius, r * 2)
 end
+local min_d, page, margin = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local first, last = #hits + 1, #hits
+for i = 1, #hits do
+  if tonumber(hits[i][2]) >= min_d then first = i; break end
+end
+if page > 0 and first + page <= last then
+  local cutoff = tonumber(hits[first + page - 1][2]) + 2 * margin
+  for i = first + page, last do
+    if tonumber(hits[i][2]) > cutoff then last = i - 1; break end
+  end
+end
+local data = {}
+for i = first, last do
+  local id = hits[i][1]
+  data[#data + 1] = redis.call('GET', ARGV[9] .. id)
+  data[#data + 1] = redis.call('HGETALL', ARGV[10] .. id)
+  data[#data + 1] = redis.call('HGETALL', ARGV[11] .. id)
+end
+return {hits, first - 1, data}
 """
+_KEY_PREFIXES = (livestate.meta_key(""), livestate.lot_key(""), reserved.reserved_key(""))
 
 
 def _hash(reply: Any) -> dict[str, str]:
@@ -90,8 +118,12 @@ def _hash(reply: Any) -> dict[str, str]:
 # evaluated may be, ``math.inf`` when it evaluated every candidate within the radius. With
 # ``page`` > 0 it may leave unevaluated candidates beyond the ``page``-th nearest that cannot
 # come before it (a search reads its page and not the whole fetch when every lot matches).
-Seen = dict[str, tuple[float, LotData, dict[str, int]]]
+Seen = dict[str, tuple[float, LotData, dict[str, int], "Entry | None"]]
 Source = Callable[[int, float, Seen, int], float]
+
+
+# a lot read from Redis: the lot, its reserved counts, and its entry in the lot cache
+Found = tuple[LotData, dict[str, int], "Entry"]
 
 
 class CacheIncomplete(Exception):
@@ -137,6 +169,9 @@ class _Reach:
         self.density = seen if self.density <= 0.0 else 0.8 * self.density + 0.2 * seen
 
 
+Entry = tuple[Any, ...]  # one lot in _Lots
+
+
 class _Lots:
     """Lots read from Redis, and their views, by lot id, reused while Redis holds the same
     text: parsing a lot's registry summary and live hash and building its view were most of a
@@ -178,24 +213,31 @@ class _Lots:
             self._old, self._young = self._young, {}
         self._young[lot_id] = entry
 
-    def lot(self, lot_id: str, meta_json: str, state: Mapping[str, str]) -> LotData:
-        """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash."""
+    def lot(self, lot_id: str, meta_json: str, state: Any) -> tuple[LotData, Entry]:
+        """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash (as HGETALL answers it), and
+        the cache's entry for it, which ``view`` takes."""
         entry = self._get(lot_id)
-        items = _flat(state)
+        # RESP2 answers a hash as the flat list _flat makes of it, in the same order while
+        # the hash is unchanged (a new order only costs a miss)
+        items = tuple(state) if isinstance(state, list) else _flat(state)
         if entry is not None and entry[1] == items and entry[0] == meta_json:
-            return _unpack(entry[_PACKED:])
-        lot = lot_from_redis(lot_id, orjson.loads(meta_json), state)
-        self._put(lot_id, (meta_json, items, (), b"", "", 0, 0, *_pack(lot)))
-        return lot
+            return _unpack(entry[_PACKED:]), entry
+        lot = lot_from_redis(lot_id, orjson.loads(meta_json), _hash(state))
+        entry = (meta_json, items, (), b"", "", 0, 0, *_pack(lot))
+        self._put(lot_id, entry)
+        return lot, entry
 
-    def view(self, lot: LotData, counts: Mapping[str, int], now: datetime) -> bytes:
+    def view(
+        self, lot: LotData, counts: Mapping[str, int], now: datetime, entry: Entry | None
+    ) -> bytes:
         """The JSON of ``lot_view(lot, counts, now, thresholds)``: the one built last for this
-        lot and these counts while its status is the same."""
-        entry = self._young.get(lot.id)
-        packed = _pack(lot)
-        if entry is None or entry[_PACKED:] != packed:  # not read through here (or dropped)
+        lot and these counts while its status is the same. ``entry`` is the one ``lot`` gave
+        with ``lot`` (None for a lot not read through here): while it is still the lot's
+        entry, ``lot`` is the lot it holds."""
+        if entry is None or self._young.get(lot.id) is not entry:  # not read here, or changed
             return dumps(lot_view(lot, counts, now, self.thresholds))
         meta_json, items, held, view, status, total, used = entry[:_PACKED]
+        packed = entry[_PACKED:]
         now_held = _flat(counts)
         if (
             view
@@ -438,7 +480,7 @@ class ReadPath:
 
     def _read(
         self, client: redis.Redis, lot_ids: Sequence[str], now: datetime
-    ) -> list[tuple[LotData, dict[str, int]] | None]:
+    ) -> list[Found | None]:
         """Each lot from Redis with its reserved counts (filled from PostgreSQL where not
         cached), or None where Redis lacks the lot."""
         commands: list[tuple[str, ...]] = [("MGET", *map(livestate.meta_key, lot_ids))]
@@ -448,19 +490,31 @@ class ReadPath:
                 ("HGETALL", reserved.reserved_key(lot_id)),
             ]
         replies = self._pipeline(client)(*commands)
-        metas = replies[0]
-        out: list[tuple[LotData, dict[str, int]] | None] = []
+        return self._decode(client, lot_ids, replies[0], replies[1::2], replies[2::2], now)
+
+    def _decode(
+        self,
+        client: redis.Redis,
+        lot_ids: Sequence[str],
+        metas: Sequence[str | None],
+        states: Sequence[Any],
+        helds: Sequence[Any],
+        now: datetime,
+    ) -> list[Found | None]:
+        """The lots of their ``lotmeta:`` JSON, ``lot:`` and ``reserved:`` hashes as Redis
+        answered them, with the reserved counts not cached filled from PostgreSQL."""
+        out: list[Found | None] = []
         leased: list[str] = []
-        for n, lot_id in enumerate(lot_ids):
-            state, meta, held = _hash(replies[2 * n + 1]), metas[n], replies[2 * n + 2]
-            if not state or not meta:
+        for lot_id, meta, state_reply, held in zip(lot_ids, metas, states, helds, strict=True):
+            if not state_reply or not meta:
                 out.append(None)
                 continue
             counts = reserved.decode(_hash(held))
             if counts is None:
                 leased.append(lot_id)
                 counts = {}
-            out.append((self._lots.lot(lot_id, meta, state), counts))
+            lot, entry = self._lots.lot(lot_id, meta, state_reply)
+            out.append((lot, counts, entry))
         if leased:  # not cached: fill from PostgreSQL, read after taking the fill lease
             token = reserved.lease(client, leased)
             with self.db.connection() as conn:
@@ -468,7 +522,7 @@ class ReadPath:
             reserved.store(client, token, snapshot, now, self.tuning.reserved_cache_max_s)
             for n, found in enumerate(out):
                 if found is not None and found[0].id in snapshot:
-                    out[n] = (found[0], snapshot[found[0].id].counts)
+                    out[n] = (found[0], snapshot[found[0].id].counts, found[2])
         return out
 
     def _pipeline(self, client: redis.Redis) -> AutoPipeline:
@@ -489,8 +543,8 @@ class ReadPath:
         found = self._read(client, [lot_id], now)[0]
         if found is None:
             return None
-        lot, counts = found
-        return lot.version, orjson.Fragment(self._lots.view(lot, counts, now))
+        lot, counts, entry = found
+        return lot.version, orjson.Fragment(self._lots.view(lot, counts, now, entry))
 
     def _detail_pg(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
         with self.db.connection() as conn:
@@ -540,7 +594,7 @@ class ReadPath:
             page = 0  # a filter left the page short: later fetches evaluate all they fetch
             found = sorted(
                 (d, i)
-                for i, (d, lot, held) in seen.items()
+                for i, (d, lot, held, _) in seen.items()
                 if d <= query.radius_m
                 and (after is None or (d, i) > after)
                 and matches(lot, held, query.space_type, query.min_free, now)
@@ -552,8 +606,8 @@ class ReadPath:
             k *= 4
         items = []
         for d, i in found[: query.limit]:
-            _, lot, held = seen[i]
-            view = self._lots.view(lot, held, now)  # and its distance, as the last field
+            _, lot, held, entry = seen[i]
+            view = self._lots.view(lot, held, now, entry)  # and its distance, as the last field
             distance = b',"distance_m":' + orjson.dumps(round(d, 1)) + b"}"
             items.append(orjson.Fragment(view[:-1] + distance))
         next_after = found[query.limit - 1] if len(found) > query.limit else None
@@ -566,44 +620,33 @@ class ReadPath:
         def source(k: int, min_d: float, seen: Seen, page: int) -> float:
             radius = query.radius_m + GEO_MARGIN_M
             first = self._reach.radius_for(k, radius)
-            hits = nearest(keys=keys, args=[query.lon, query.lat, radius, k, first])
+            args = [query.lon, query.lat, radius, k, first, min_d, page, GEO_MARGIN_M]
+            found = nearest(keys=keys, args=[*args, *_KEY_PREFIXES])
+            if found is None:
+                raise CacheIncomplete("the geo index is not vouched complete")
+            hits, skipped, data = found
             if not hits:
-                if hits is None:
-                    raise CacheIncomplete("the geo index is not vouched complete")
                 return math.inf
             full = len(hits) >= k
             if full:
                 self._reach.saw(k, float(hits[-1][1]))
-            near = [(m, float(d)) for m, d in hits if float(d) >= min_d]
-            frontier = float(hits[-1][1]) if full else math.inf
-            if 0 < page < len(near):
-                # a lot past the page's last by more than twice the margin cannot come before
-                # it: its exact distance exceeds every one of the first ``page``'s
-                cutoff = near[page - 1][1] + 2 * GEO_MARGIN_M
-                later = [d for _, d in near if d > cutoff]
-                if later:
-                    frontier = later[0]
-                    near = near[: len(near) - len(later)]
-            new = [m for m, _ in near if m not in seen]
-            if new:
-                self._evaluate_redis(client, new, query, now, seen)
+            read = skipped + len(data) // 3  # the members read are hits[skipped:read]
+            if read < len(hits):
+                frontier = float(hits[read][1])  # the nearest member left out
+            else:
+                frontier = float(hits[-1][1]) if full else math.inf
+            lot_ids = [m for m, _ in hits[skipped:read]]
+            lots = self._decode(client, lot_ids, data[::3], data[1::3], data[2::3], now)
+            for lot_id, lot_found in zip(lot_ids, lots, strict=True):
+                if lot_found is None:
+                    raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
+                if lot_id not in seen:
+                    lot, counts, entry = lot_found
+                    d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
+                    seen[lot_id] = (d, lot, counts, entry)
             return frontier
 
         return source
-
-    def _evaluate_redis(
-        self,
-        client: redis.Redis,
-        lot_ids: list[str],
-        query: NearbyQuery,
-        now: datetime,
-        seen: Seen,
-    ) -> None:
-        for lot_id, found in zip(lot_ids, self._read(client, lot_ids, now), strict=True):
-            if found is None:
-                raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
-            lot, counts = found
-            seen[lot.id] = (haversine_m(query.lat, query.lon, lot.lat, lot.lon), lot, counts)
 
     def _pg_source(self, conn: Any, query: NearbyQuery, now: datetime) -> Source:
         box = bounding_box(query.lat, query.lon, query.radius_m + GEO_MARGIN_M)
@@ -626,7 +669,7 @@ class ReadPath:
                 d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
                 distances.append(d)
                 if lot.id not in seen:
-                    seen[lot.id] = (d, lot, held[lot.id])
+                    seen[lot.id] = (d, lot, held[lot.id], None)
             return distances[-1] if len(rows) >= k else math.inf
 
         return source

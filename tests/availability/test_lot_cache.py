@@ -42,6 +42,11 @@ def state(version: int, occupied: int, updated: datetime) -> dict[str, str]:
             "c:standard": "10", "o:ev": "1", "c:ev": "2"}  # fmt: skip
 
 
+def resp2(live: dict[str, str]) -> list[str]:
+    """A hash as HGETALL answers it in RESP2 (and in a Lua script's reply): field, value..."""
+    return [x for item in live.items() for x in item]
+
+
 read = st.tuples(
     st.sampled_from(IDS),
     st.sampled_from(["north", "south"]),  # the operator renames the lot
@@ -51,6 +56,8 @@ read = st.tuples(
     st.integers(0, 900),  # seconds from the start to the lot's last update
     st.dictionaries(st.sampled_from(["standard", "ev"]), st.integers(0, 3), max_size=2),
     st.integers(0, 1800),  # seconds from the start to the read
+    st.booleans(),  # the hash as a RESP2 list (else a map, as RESP3 answers it)
+    st.booleans(),  # the view asked with an entry no longer the lot's
 )
 
 
@@ -58,43 +65,52 @@ read = st.tuples(
 @given(st.lists(read, min_size=1, max_size=40), st.sampled_from([1, 2, 3, 1000]))
 def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any], size: int) -> None:
     lots = _Lots(size, THRESHOLDS)
-    for lot_id, name, hours, version, occupied, updated_s, counts, now_s in reads:
+    entries: dict[str, Any] = {}
+    for lot_id, name, hours, version, occupied, updated_s, counts, now_s, flat, old in reads:
         meta = meta_json(name, hours)
         live = state(version, occupied, START + timedelta(seconds=updated_s))
         now = START + timedelta(seconds=now_s)
-        lot = lots.lot(lot_id, meta, dict(live))
+        lot, entry = lots.lot(lot_id, meta, resp2(live) if flat else dict(live))
         fresh = lot_from_redis(lot_id, orjson.loads(meta), live)
         assert lot == fresh
-        assert lots.view(lot, dict(counts), now) == dumps(lot_view(fresh, counts, now, THRESHOLDS))
+        given_entry = entries.get(lot_id, entry) if old else entry
+        expected = dumps(lot_view(fresh, counts, now, THRESHOLDS))
+        assert lots.view(lot, dict(counts), now, given_entry) == expected
+        assert lots.view(lot, dict(counts), now, None) == expected  # a lot not read here
+        entries[lot_id] = entry
 
 
 def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
     lots = _Lots(1000, THRESHOLDS)
     meta, live = meta_json("north", "24/7"), state(1, 4, START)
-    lot = lots.lot(IDS[0], meta, live)
-    assert lots.lot(IDS[0], str(meta), dict(live)) == lot  # equal text, other objects
-    view = lots.view(lot, {}, START)
-    assert lots.view(lot, {}, START + timedelta(seconds=1)) is view
+    lot, _ = lots.lot(IDS[0], meta, live)
+    again, entry = lots.lot(IDS[0], str(meta), resp2(live))  # equal text, other objects
+    assert again == lot
+    view = lots.view(lot, {}, START, entry)
+    _, entry = lots.lot(IDS[0], meta, resp2(live))
+    assert lots.view(lot, {}, START + timedelta(seconds=1), entry) is view
     assert loads(view)["status"] == "open" and loads(view)["free"]["standard"] == 6
-    held = loads(lots.view(lot, {"standard": 6}, START))
+    _, entry = lots.lot(IDS[0], meta, resp2(live))
+    held = loads(lots.view(lot, {"standard": 6}, START, entry))
     assert held["free"]["standard"] == 0 and held["reserved"]["standard"] == 6
-    stale = loads(lots.view(lot, {"standard": 6}, START + timedelta(seconds=601)))
+    _, entry = lots.lot(IDS[0], meta, resp2(live))
+    stale = loads(lots.view(lot, {"standard": 6}, START + timedelta(seconds=601), entry))
     assert stale["status"] == "unknown"
-    moved = lots.lot(IDS[0], meta, state(2, 5, START))
+    moved, entry = lots.lot(IDS[0], meta, state(2, 5, START))
     assert moved.occupied["standard"] == 5
-    assert loads(lots.view(moved, {}, START))["free"]["standard"] == 5
+    assert loads(lots.view(moved, {}, START, entry))["free"]["standard"] == 5
 
 
 def test_it_keeps_about_its_size_and_the_lots_read_lately() -> None:
     lots = _Lots(100, THRESHOLDS)
     meta = meta_json("north", "24/7")
     ids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(1000)]
-    kept = lots.lot(ids[0], meta, state(1, 1, START))
+    kept, _ = lots.lot(ids[0], meta, state(1, 1, START))
     for n, lot_id in enumerate(ids[1:]):
         lots.lot(lot_id, meta, state(1, 1, START))
         if n % 10 == 0:
             assert ids[0] in lots._young or ids[0] in lots._old  # read often: kept
-            assert lots.lot(ids[0], meta, state(1, 1, START)) == kept
+            assert lots.lot(ids[0], meta, state(1, 1, START))[0] == kept
     assert len(lots._young) + len(lots._old) <= 100
     assert ids[1] not in lots._young and ids[1] not in lots._old  # read once, long ago: dropped
 
@@ -111,7 +127,8 @@ def test_a_full_cache_leaves_the_garbage_collector_next_to_nothing_to_walk() -> 
         before = len(gc.get_objects())
         for n in range(5000):
             lot_id = f"00000000-0000-4000-8000-{n:012d}"
-            lots.view(lots.lot(lot_id, meta, state(1, n % 10, START)), {"ev": 1}, START)
+            lot, entry = lots.lot(lot_id, meta, resp2(state(1, n % 10, START)))
+            lots.view(lot, {"ev": 1}, START, entry)
         gc.collect(0)  # the youngest generation's collection, then the middle one's
         gc.collect(1)
         assert len(gc.get_objects()) - before < 100
@@ -129,7 +146,8 @@ def test_a_cached_lot_costs_a_few_kilobytes() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         for lot_id, live in raw:
-            lots.view(lots.lot(lot_id, meta, live), {"ev": 1}, START)
+            lot, entry = lots.lot(lot_id, meta, resp2(live))
+            lots.view(lot, {"ev": 1}, START, entry)
         per_lot = (tracemalloc.get_traced_memory()[0] - before) / len(raw)
     finally:
         tracemalloc.stop()
