@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from hashlib import blake2b
 from itertools import chain
+from sys import intern
 from typing import Any
 
 import orjson
@@ -49,7 +51,7 @@ from services.availability.settings import ReadPathSettings
 from services.common import livestate, reserved
 from services.common.app import dumps
 from services.common.db import Database
-from services.common.redis import AutoPipeline, ScriptRunner, connect
+from services.common.redis import AutoPipeline, connect
 
 log = logging.getLogger("parking.availability")
 
@@ -58,51 +60,37 @@ REFILL_LOCK_KEY = "lots:geo:refilling"
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError)
 
 
-# KEYS: the geo index's completeness marker, the geo index.  ARGV: lon, lat, radius m, count,
-# first radius m, min distance m, page, margin m, and the prefixes of the registry summary, live
-# hash and reserved counts keys.  Returns false when the index is not vouched complete, else
-# {hits, skipped, data}: the ``count`` nearest members within the radius as GEOSEARCH's
-# [member, distance] list (fewer: all of them), how many of them are nearer than the min
-# distance, and for the members after those, in order, each one's summary, live hash and
-# reserved counts (3 entries a member), so a search costs one round trip and one reply.
-# GEOSEARCH reads every member in the cells around the whole radius however small ``count`` is,
-# so where lots are dense it starts from a smaller radius and doubles it until ``count`` members
-# are within (those are then the nearest: any other is farther than that radius).  With
-# ``page`` > 0 it leaves out the members past the page's last by more than twice the margin:
-# their exact distance exceeds every one of the first ``page``'s, so they cannot come before it.
-# The lots' keys are not in KEYS (the members name them): one Redis, not a cluster.
-_NEAREST = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local radius, count = tonumber(ARGV[3]), tonumber(ARGV[4])
-local r = math.min(radius, tonumber(ARGV[5]))
-local hits
-while true do
-  hits = redis.call('GEOSEARCH', KEYS[2], 'FROMLONLAT', ARGV[1], ARGV[2],
-                    'BYRADIUS', r, 'm', 'ASC', 'COUNT', count, 'WITHDIST')
-  if #hits >= count or r >= radius then break end
-  r = math.min(radius, r * 2)
-end
-local min_d, page, margin = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local first, last = #hits + 1, #hits
-for i = 1, #hits do
-  if tonumber(hits[i][2]) >= min_d then first = i; break end
-end
-if page > 0 and first + page <= last then
-  local cutoff = tonumber(hits[first + page - 1][2]) + 2 * margin
-  for i = first + page, last do
-    if tonumber(hits[i][2]) > cutoff then last = i - 1; break end
-  end
-end
-local data = {}
-for i = first, last do
-  local id = hits[i][1]
-  data[#data + 1] = redis.call('GET', ARGV[9] .. id)
-  data[#data + 1] = redis.call('HGETALL', ARGV[10] .. id)
-  data[#data + 1] = redis.call('HGETALL', ARGV[11] .. id)
-end
-return {hits, first - 1, data}
-"""
-_KEY_PREFIXES = (livestate.meta_key(""), livestate.lot_key(""), reserved.reserved_key(""))
+def nearest(
+    run: Callable[..., list[Any]],
+    lon: float,
+    lat: float,
+    radius: float,
+    count: int,
+    first: float,
+    keys: tuple[str, str] = (GEO_COMPLETE_KEY, livestate.GEO_KEY),
+) -> list[Any] | None:
+    """The ``count`` nearest members of the geo index within ``radius`` metres as GEOSEARCH's
+    [member, distance] list (fewer: all of them), or None when the index is not vouched
+    complete (``keys``: the completeness marker, the index); ``run`` sends commands (an
+    AutoPipeline). GEOSEARCH reads every member in the
+    cells around the whole radius however small ``count`` is, so where lots are dense it
+    starts from ``first`` and doubles the radius until ``count`` members are within (those are
+    then the nearest: any other is farther than that radius). Plain commands, not a script: in
+    Redis 6.2 (the embedded one) a script's GEOSEARCH and reads cost Redis half as much again
+    as the same commands sent."""
+    r = min(radius, first)
+    for _ in range(64):
+        complete, hits = run(
+            ("EXISTS", keys[0]),
+            ("GEOSEARCH", keys[1], "FROMLONLAT", lon, lat, "BYRADIUS", r, "m",
+             "ASC", "COUNT", count, "WITHDIST"),
+        )  # fmt: skip
+        if not complete:
+            return None
+        if len(hits) >= count or r >= radius:
+            break
+        r = min(radius, r * 2)
+    return hits  # type: ignore[no-any-return]
 
 
 def _hash(reply: Any) -> dict[str, str]:
@@ -187,11 +175,14 @@ class _Lots:
     only once what it holds is untracked, and the young generations' two collections must be
     enough: with the dicts kept as tuples of item pairs inside the packed lot inside the entry,
     a lot new to the cache reached the oldest generation still tracked (about 16,000 entries
-    after 20,000 reads of new lots, and full collections of 18-20 ms). Bounded to about
-    ``size`` lots in two generations: lots read since the young one filled stay, and when it
-    fills again the older one is dropped (least recently read)."""
+    after 20,000 reads of new lots, and full collections of 18-20 ms). An entry knows the text
+    it was built from by a 128-bit BLAKE2 digest of it (a third of the entry's size if kept
+    whole). Bounded to about ``size`` lots in two generations: lots read since the young one
+    filled stay, and when it fills again the older one is dropped (least recently read), a few
+    entries at each new one (freeing tens of thousands at once paused the worker for tens of
+    milliseconds)."""
 
-    # an entry: (meta_json, state, reserved counts, view JSON, status, total, used, *packed
+    # an entry: (digest of the text, reserved counts, view JSON, status, total, used, *packed
     # lot), the dicts among them flattened (see _flat) and the tariff as its JSON (see _pack);
     # the counts, view, status and usage empty until the lot's view is built
     def __init__(self, size: int, thresholds: Thresholds) -> None:
@@ -199,6 +190,7 @@ class _Lots:
         self.thresholds = thresholds
         self._young: dict[str, tuple[Any, ...]] = {}
         self._old: dict[str, tuple[Any, ...]] = {}
+        self._dropped: dict[str, tuple[Any, ...]] = {}  # freed a few at a time
 
     def _get(self, lot_id: str) -> tuple[Any, ...] | None:
         entry = self._young.get(lot_id)
@@ -210,20 +202,23 @@ class _Lots:
 
     def _put(self, lot_id: str, entry: tuple[Any, ...]) -> None:
         if len(self._young) >= self.half and lot_id not in self._young:
-            self._old, self._young = self._young, {}
+            self._dropped.clear()  # (empty by now but for a tiny cache)
+            self._dropped, self._old, self._young = self._old, self._young, {}
         self._young[lot_id] = entry
+        for _ in range(min(2, len(self._dropped))):
+            self._dropped.popitem()
 
     def lot(self, lot_id: str, meta_json: str, state: Any) -> tuple[LotData, Entry]:
         """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash (as HGETALL answers it), and
         the cache's entry for it, which ``view`` takes."""
         entry = self._get(lot_id)
-        # RESP2 answers a hash as the flat list _flat makes of it, in the same order while
-        # the hash is unchanged (a new order only costs a miss)
-        items = tuple(state) if isinstance(state, list) else _flat(state)
-        if entry is not None and entry[1] == items and entry[0] == meta_json:
+        # the hash as Redis answered it: a flat list (RESP2) in the same order while the hash
+        # is unchanged (a new order only costs a miss), or a map (RESP3)
+        digest = blake2b(orjson.dumps((meta_json, state)), digest_size=16).digest()
+        if entry is not None and entry[0] == digest:
             return _unpack(entry[_PACKED:]), entry
         lot = lot_from_redis(lot_id, orjson.loads(meta_json), _hash(state))
-        entry = (meta_json, items, (), b"", "", 0, 0, *_pack(lot))
+        entry = (digest, (), b"", "", 0, 0, *_pack(lot))
         self._put(lot_id, entry)
         return lot, entry
 
@@ -236,7 +231,7 @@ class _Lots:
         entry, ``lot`` is the lot it holds."""
         if entry is None or self._young.get(lot.id) is not entry:  # not read here, or changed
             return dumps(lot_view(lot, counts, now, self.thresholds))
-        meta_json, items, held, view, status, total, used = entry[:_PACKED]
+        digest, held, view, status, total, used = entry[:_PACKED]
         packed = entry[_PACKED:]
         now_held = _flat(counts)
         if (
@@ -248,9 +243,7 @@ class _Lots:
         built = lot_view(lot, counts, now, self.thresholds)
         view = _kept(dumps(built))
         total, used = usage(lot, counts)
-        self._young[lot.id] = (
-            meta_json, items, now_held, view, built["status"], total, used, *packed
-        )  # fmt: skip
+        self._young[lot.id] = (digest, now_held, view, built["status"], total, used, *packed)
         return view
 
 
@@ -260,7 +253,7 @@ def _kept(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-_PACKED = 7  # an entry's fields before its packed lot's
+_PACKED = 6  # an entry's fields before its packed lot's
 
 
 def _flat(mapping: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -299,15 +292,16 @@ def _unpack(packed: tuple[Any, ...]) -> LotData:
 
 
 def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str]) -> LotData:
-    """A lot from its parsed ``lotmeta:`` JSON and its ``lot:`` hash."""
+    """A lot from its parsed ``lotmeta:`` JSON and its ``lot:`` hash. The strings many lots
+    share (space types, district, hours, time zone) are interned: one copy for the cache."""
     occupied: dict[str, int] = {}
     capacity: dict[str, int] = {}
     version, updated_at = 0, None
     for field, value in state.items():
         if field[:2] == "o:":
-            occupied[field[2:]] = int(value)
+            occupied[intern(field[2:])] = int(value)
         elif field[:2] == "c:":
-            capacity[field[2:]] = int(value)
+            capacity[intern(field[2:])] = int(value)
         elif field == "v":
             version = int(value)
         elif field == "u":
@@ -318,10 +312,10 @@ def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str
         name=meta["name"],
         lat=location["lat"],
         lon=location["lon"],
-        district=meta["district"],
+        district=intern(meta["district"]),
         address=meta.get("address"),
-        opening_hours=meta.get("opening_hours") or "24/7",
-        timezone=meta.get("timezone") or "Asia/Shanghai",
+        opening_hours=intern(meta.get("opening_hours") or "24/7"),
+        timezone=intern(meta.get("timezone") or "Asia/Shanghai"),
         tariff=meta.get("tariff"),
         capacity=capacity,
         occupied=occupied,
@@ -394,7 +388,6 @@ class ReadPath:
         self._was_down = False
         self._refilling = False
         self._next_refill = 0.0
-        self._scripts: dict[tuple[int, str], ScriptRunner] = {}
         self._pipelines: dict[int, AutoPipeline] = {}
         self._reach = _Reach()
         self._lots = _Lots(tuning.lot_cache_max, thresholds)
@@ -532,13 +525,6 @@ class ReadPath:
             pipeline = self._pipelines[id(client)] = AutoPipeline(client)
         return pipeline
 
-    def _script(self, client: redis.Redis, source: str) -> ScriptRunner:
-        """The runner of ``source`` on ``client``'s server (one per script and client)."""
-        script = self._scripts.get((id(client), source))
-        if script is None:
-            script = self._scripts[(id(client), source)] = ScriptRunner(client, source)
-        return script
-
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:
         found = self._read(client, [lot_id], now)[0]
         if found is None:
@@ -614,36 +600,36 @@ class ReadPath:
         return Page(items, next_after)
 
     def _redis_source(self, client: redis.Redis, query: NearbyQuery, now: datetime) -> Source:
-        nearest = self._script(client, _NEAREST)
-        keys = [GEO_COMPLETE_KEY, livestate.GEO_KEY]
+        run = self._pipeline(client)
 
         def source(k: int, min_d: float, seen: Seen, page: int) -> float:
             radius = query.radius_m + GEO_MARGIN_M
             first = self._reach.radius_for(k, radius)
-            args = [query.lon, query.lat, radius, k, first, min_d, page, GEO_MARGIN_M]
-            found = nearest(keys=keys, args=[*args, *_KEY_PREFIXES])
-            if found is None:
+            hits = nearest(run, query.lon, query.lat, radius, k, first)
+            if hits is None:
                 raise CacheIncomplete("the geo index is not vouched complete")
-            hits, skipped, data = found
             if not hits:
                 return math.inf
             full = len(hits) >= k
             if full:
                 self._reach.saw(k, float(hits[-1][1]))
-            read = skipped + len(data) // 3  # the members read are hits[skipped:read]
-            if read < len(hits):
-                frontier = float(hits[read][1])  # the nearest member left out
-            else:
-                frontier = float(hits[-1][1]) if full else math.inf
-            lot_ids = [m for m, _ in hits[skipped:read]]
-            lots = self._decode(client, lot_ids, data[::3], data[1::3], data[2::3], now)
-            for lot_id, lot_found in zip(lot_ids, lots, strict=True):
-                if lot_found is None:
+            near = [(m, float(d)) for m, d in hits if float(d) >= min_d]
+            frontier = float(hits[-1][1]) if full else math.inf
+            if 0 < page < len(near):
+                # a lot past the page's last by more than twice the margin cannot come before
+                # it: its exact distance exceeds every one of the first ``page``'s
+                cutoff = near[page - 1][1] + 2 * GEO_MARGIN_M
+                later = [d for _, d in near if d > cutoff]
+                if later:
+                    frontier = later[0]
+                    near = near[: len(near) - len(later)]
+            new = [m for m, _ in near if m not in seen]
+            for lot_id, found in zip(new, self._read(client, new, now), strict=True):
+                if found is None:
                     raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
-                if lot_id not in seen:
-                    lot, counts, entry = lot_found
-                    d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
-                    seen[lot_id] = (d, lot, counts, entry)
+                lot, counts, entry = found
+                d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
+                seen[lot_id] = (d, lot, counts, entry)
             return frontier
 
         return source

@@ -26,7 +26,7 @@ class ReadPathSettings(BaseSettings):
     )
     # Each cached lot costs about 3 KB of this process's memory.
     lot_cache_max: int = Field(
-        50_000, ge=0, le=1_000_000, description="lots (and their views) kept parsed per process"
+        200_000, ge=0, le=1_000_000, description="lots (and their views) kept parsed per process"
     )
     refill_chunk: int = Field(5000, ge=100, le=100_000, description="lots per refill batch")
     stream_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")

@@ -9,9 +9,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from redis._parsers import hiredis as _hiredis_parsers
 from redis.exceptions import NoScriptError
 
 from services.common.config import CommonSettings
+
+# redis-py's hiredis parser, whose reader the auto-pipeline reads replies from directly (None
+# in a redis-py without them: then every reply goes through its layers)
+_HIREDIS_PARSER: Any = getattr(_hiredis_parsers, "_HiredisParser", None)
+NOT_ENOUGH_DATA: Any = getattr(_hiredis_parsers, "NOT_ENOUGH_DATA", None)
 
 
 class RedisClient:
@@ -189,13 +195,14 @@ class AutoPipeline:
         """Send ``calls`` in one write, read their replies; return those that named a script
         Redis lacks."""
         conn.send_packed_command([pack_commands(cmd for call in calls for cmd in call.commands)])
+        reader = _reader(conn)
         unknown: list[_Call] = []
         for call in calls:
             replies: list[Any] = []
             missing = False
             for _ in call.commands:  # every reply is read, so the connection stays in step
                 try:
-                    replies.append(conn.read_response())
+                    replies.append(_reply(conn, reader))
                 except NoScriptError:
                     missing = True
                 except redis.ResponseError as exc:  # the command failed; the connection is fine
@@ -205,6 +212,37 @@ class AutoPipeline:
             elif call.error is None:
                 call.reply = replies
         return unknown
+
+
+def _reader(conn: Any) -> Any:
+    """The hiredis reader of a connected ``conn``, or None (then replies are read through
+    ``conn.read_response``)."""
+    parser = getattr(conn, "_parser", None)
+    if _HIREDIS_PARSER is None or not isinstance(parser, _HIREDIS_PARSER):
+        return None
+    return getattr(parser, "_reader", None)
+
+
+def _reply(conn: Any, reader: Any) -> Any:
+    """The next reply on ``conn``: taken from the bytes its reader holds when they hold a
+    whole one, else read through redis-py (socket reads, timeouts and errors as it handles
+    them). Going through redis-py's layers for each of a search's 45 replies cost more CPU
+    than parsing them. An error reply is raised, as redis-py raises it; a push message (RESP3,
+    which these connections are not subscribed to get) goes to redis-py's handler."""
+    if reader is None:
+        return conn.read_response()
+    push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
+    for _ in range(1_000_000):
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            return conn.read_response()
+        if push is not None and isinstance(reply, push):
+            conn._parser.handle_push_response(reply)
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+    return conn.read_response()
 
 
 class ScriptRunner(AutoPipeline):

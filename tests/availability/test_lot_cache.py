@@ -112,7 +112,23 @@ def test_it_keeps_about_its_size_and_the_lots_read_lately() -> None:
             assert ids[0] in lots._young or ids[0] in lots._old  # read often: kept
             assert lots.lot(ids[0], meta, state(1, 1, START))[0] == kept
     assert len(lots._young) + len(lots._old) <= 100
-    assert ids[1] not in lots._young and ids[1] not in lots._old  # read once, long ago: dropped
+    for generation in (lots._young, lots._old, lots._dropped):
+        assert ids[1] not in generation  # read once, long ago: dropped
+
+
+def test_a_dropped_generation_is_freed_two_entries_at_each_new_one() -> None:
+    lots = _Lots(100, THRESHOLDS)  # generations of 50
+    meta = meta_json("north", "24/7")
+    ids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(125)]
+    for lot_id in ids[:101]:  # the 101st lot starts a third generation: the first is dropped
+        lots.lot(lot_id, meta, state(1, 1, START))
+    assert len(lots._dropped) == 48 and set(lots._dropped) <= set(ids[:50])
+    assert len(lots._old) == 50 and len(lots._young) == 1
+    for lot_id in ids[101:124]:
+        lots.lot(lot_id, meta, state(1, 1, START))
+    assert len(lots._dropped) == 2
+    lots.lot(ids[124], meta, state(1, 1, START))
+    assert not lots._dropped
 
 
 def test_a_full_cache_leaves_the_garbage_collector_next_to_nothing_to_walk() -> None:

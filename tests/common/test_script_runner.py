@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.common.redis import AutoPipeline, ScriptRunner, pack_commands
+from services.common.redis import AutoPipeline, ScriptRunner, _reader, pack_commands
 
 # Echoes its key and argument; fails when asked to; counts its runs in one key.
 ECHO = """
@@ -199,3 +199,29 @@ def test_commands_are_packed_as_redis_py_packs_them(redis_client: redis.Redis) -
     assert pack_commands(commands) == b"".join(conn.pack_commands(commands))
     with pytest.raises(redis.DataError):
         pack_commands([("SET", "k", True)])
+
+
+def test_replies_are_read_from_the_parser_whole_however_the_socket_splits_them(
+    redis_client: redis.Redis,
+) -> None:
+    """Replies come from the connection's hiredis reader while it holds a whole one and from
+    redis-py's socket reads otherwise: a megabyte value (many reads) between small hashes,
+    in order, and the reader is the one in use with the installed redis-py."""
+    pipeline = AutoPipeline(redis_client)
+    prefix = f"test:big:{uuid.uuid4().hex}"
+    big = "x" * (1 << 20)
+    redis_client.set(f"{prefix}:big", big)
+    redis_client.hset(f"{prefix}:h", mapping={"a": "1", "b": "2"})
+    try:
+        commands = [("HGETALL", f"{prefix}:h"), ("GET", f"{prefix}:big")] * 5
+        replies = pipeline(*commands, ("GET", f"{prefix}:none"))
+        assert replies[-1] is None
+        for n in range(0, 10, 2):
+            got = replies[n]  # a map in RESP3, a flat list in RESP2
+            pairs = got.items() if isinstance(got, dict) else zip(got[::2], got[1::2], strict=True)
+            assert dict(pairs) == {"a": "1", "b": "2"}
+            assert replies[n + 1] == big
+        conn = pipeline._idle[-1]
+        assert _reader(conn) is conn._parser._reader is not None
+    finally:
+        redis_client.delete(f"{prefix}:big", f"{prefix}:h")
