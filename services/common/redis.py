@@ -140,10 +140,14 @@ class AutoPipeline:
         finally:
             with self._lock:
                 after = self._promote()
-            for call in batch:
-                call.done.set()
+            # the next batch's sender first: under gevent woken greenlets run in the order they
+            # were woken, so Redis works on the next batch while this one's callers go on (woken
+            # last, it waited for their work: at 100,000 lots a nearby search's p50 at a fixed
+            # 1,000/s was 5.6-6.3 ms against 3.5-3.8, rounds alternated in one run)
             if after is not None:
                 after.done.set()
+            for call in batch:
+                call.done.set()
 
     def _promote(self) -> _Call | None:
         """Under the lock: the first caller that arrived meanwhile sends the next batch (or

@@ -3,6 +3,9 @@ and still each get their own reply or error."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 from typing import Any
@@ -143,6 +146,70 @@ def test_a_caller_gone_while_chosen_to_send_hands_the_batch_on(redis_client: red
     assert behind.result() == [["b", "2"]]
     assert not script._sending and not script._queue
     assert script(["c", runs], ["3"]) == ["c", "3"]  # and the runner still serves callers
+
+
+# Under gevent (the lean worker's), three callers in turn: the first sends alone; the second and
+# third queue behind it and go together; a fourth arrives while they are in flight.
+GEVENT_ORDER = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent
+from services.common.redis import AutoPipeline, connect
+
+pipeline = AutoPipeline(connect(sys.argv[1], 5.0))
+log = []
+make = pipeline.pool.make_connection
+
+
+class Logged:
+    def make_connection(self):
+        conn = make()
+        send = conn.send_packed_command
+
+        def logged(command, check_health=True):
+            if any(b"PING" in bytes(part) for part in command):  # not the handshake's
+                log.append("send")
+            send(command, check_health)
+
+        conn.send_packed_command = logged
+        return conn
+
+
+pipeline.pool = Logged()
+
+
+def call(name, then=None):
+    pipeline(("PING",))
+    log.append(name)
+    if then is not None:
+        gevent.spawn(call, then)
+
+
+gevent.joinall([gevent.spawn(call, "first", "fourth"), gevent.spawn(call, "second"),
+                gevent.spawn(call, "third")], timeout=20)
+gevent.sleep(0.2)
+print(",".join(log))
+"""
+
+
+def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str) -> None:
+    """Under gevent woken greenlets run in the order they were woken: the caller chosen to
+    send the next batch is woken first, so Redis works on it while the finished batch's
+    callers do their work (woken last, it waited for all of it)."""
+    from tests.stack import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(GEVENT_ORDER), redis_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    # the second sends for the second and third; the fourth, queued meanwhile, is chosen
+    # next and sends before the third (answered in the second's batch) resumes
+    assert out == "send,first,send,second,send,third,fourth", out
 
 
 def test_plain_commands_share_round_trips_and_fail_only_their_caller(
