@@ -519,10 +519,14 @@ class ReadPath:
         return out
 
     def _pipeline(self, client: redis.Redis) -> AutoPipeline:
-        """The auto-pipeline of plain commands to ``client``'s server."""
+        """The auto-pipeline of plain commands beside ``client`` (this process's client), on
+        connections of its own that speak RESP2: hiredis builds a hash's reply as a RESP3 map
+        three times slower than as a RESP2 array (2.5 against 0.74 us for a lot's), and a
+        search reads two hashes a lot."""
         pipeline = self._pipelines.get(id(client))
         if pipeline is None:
-            pipeline = self._pipelines[id(client)] = AutoPipeline(client)
+            resp2 = connect(self.redis_url, self.redis_timeout_s, protocol=2)
+            pipeline = self._pipelines[id(client)] = AutoPipeline(resp2)
         return pipeline
 
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:

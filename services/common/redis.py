@@ -40,14 +40,16 @@ class RedisClient:
         self.client.ping()
 
 
-def connect(url: str, timeout_s: float = 0.5) -> redis.Redis:
-    """A client for ``url`` (redis://, rediss:// or unix://) with short timeouts."""
+def connect(url: str, timeout_s: float = 0.5, *, protocol: int = 3) -> redis.Redis:
+    """A client for ``url`` (redis://, rediss:// or unix://) with short timeouts, speaking
+    RESP3 unless ``protocol`` is 2."""
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
         decode_responses=True,
+        protocol=protocol,
     )
 
 
