@@ -261,6 +261,10 @@ def main() -> None:
     large = int(env_float("BENCH_LARGE_LOTS", 100_000))
     streams = int(env_float("BENCH_STREAM_CLIENTS", 1000))
     rng = random.Random(7)
+    # load.run forks its clients' processes: each draws its own requests (with the parent's
+    # state, both drew the same lots and points at the same moments, and a warm-up read half
+    # the lots it meant to)
+    os.register_at_fork(after_in_child=lambda: rng.seed(os.getpid()))
     gateway_workers = os.environ.get("BENCH_GATEWAY_WORKERS", "1")  # the Procfile's default
     with bench_stack(("gateway", "ingestion", "availability"), GATEWAY_WORKERS=gateway_workers) as (
         stack,
