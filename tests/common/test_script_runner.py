@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 import threading
 import uuid
 from typing import Any
@@ -179,16 +178,20 @@ class Logged:
 pipeline.pool = Logged()
 
 
+callers = []
+
+
 def call(name, then=None):
     pipeline(("PING",))
     log.append(name)
     if then is not None:
-        gevent.spawn(call, then)
+        callers.append(gevent.spawn(call, then))
 
 
-gevent.joinall([gevent.spawn(call, "first", "fourth"), gevent.spawn(call, "second"),
-                gevent.spawn(call, "third")], timeout=20)
-gevent.sleep(0.2)
+callers += [gevent.spawn(call, "first", "fourth"), gevent.spawn(call, "second"),
+            gevent.spawn(call, "third")]
+gevent.joinall(list(callers), timeout=20)
+gevent.joinall(callers, timeout=20)  # and the fourth, which the first spawned
 print(",".join(log))
 """
 
@@ -200,7 +203,7 @@ def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str)
     from tests.stack import ROOT
 
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(GEVENT_ORDER), redis_url],
+        [sys.executable, "-c", GEVENT_ORDER, redis_url],
         cwd=ROOT,
         capture_output=True,
         text=True,
