@@ -43,6 +43,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
+import redis
 
 from loadtests import load
 from loadtests.harness import bench_stack, report, summary
@@ -211,6 +212,44 @@ def rss_mb(stack: Stack, name: str) -> float:
     return total_kb / 1024
 
 
+def cpu_s(stack: Stack, name: str) -> float:
+    """CPU seconds (user + system) a gunicorn master and its workers have used."""
+    ticks = 0
+    for pid in [stack.procs[name].pid, *stack.worker_pids(name)]:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def costs(stack: Stack, client: redis.Redis) -> dict[str, float]:
+    """What the processes have spent so far: CPU seconds of the gateway, the availability
+    service and Redis, and Redis' GEOSEARCH and HGETALL calls (and GEOSEARCH's microseconds)."""
+    cpu = client.info("cpu")
+    stats = client.info("commandstats")
+    geo = stats.get("cmdstat_geosearch", {})
+    return {
+        "gateway": cpu_s(stack, "gateway"),
+        "availability": cpu_s(stack, "availability"),
+        "redis": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        "geosearch": float(geo.get("calls", 0)),
+        "geosearch_us": float(geo.get("usec", 0)),
+        "hgetall": float(stats.get("cmdstat_hgetall", {}).get("calls", 0)),
+    }
+
+
+def per_request(before: dict[str, float], after: dict[str, float], requests: float) -> str:
+    """The costs of ``requests`` requests between two ``costs`` snapshots, per request."""
+    d = {k: after[k] - before[k] for k in before}
+    return (
+        f"{1000 * d['gateway'] / requests:.2f} / {1000 * d['availability'] / requests:.2f}"
+        f" / {1000 * d['redis'] / requests:.2f} ms CPU (gateway / availability / Redis);"
+        f" GEOSEARCH {d['geosearch'] / requests:.2f} calls,"
+        f" {d['geosearch_us'] / max(1.0, d['geosearch']):.0f} us each;"
+        f" HGETALL {d['hgetall'] / requests:.1f} calls"
+    )
+
+
 def open_streams(base: str, lot_ids: list[str], count: int) -> tuple[list[socket.socket], int]:
     """``count`` idle SSE clients, opened 50 at a time, each kept once its first event came;
     and how many attempts failed (answered otherwise, or no first event in 30 s)."""
@@ -350,6 +389,7 @@ def main() -> None:
 
         at_rate: dict[str, dict[str, float]] = {}
         for name, make in (("detail", detail), ("nearby", nearby)):
+            spent = costs(stack, client)
             at_rate[name], p99s = at_rate_rounds(
                 base, make, rate=rate, seconds=seconds, rounds=rounds
             )
@@ -357,6 +397,9 @@ def main() -> None:
                 f"{at_rate[name]['p50_ms']} / {at_rate[name]['p99_ms']}"
             )
             rows[f"{name} at {rate:.0f}/s p99 ms of each round"] = p99s
+            rows[f"{name} at {rate:.0f}/s per request"] = per_request(
+                spent, costs(stack, client), rate * seconds
+            )
 
         if streams:
             names = ("gateway", "availability")
@@ -402,8 +445,12 @@ def main() -> None:
                 seconds=env_float("BENCH_LARGE_WARM_SECONDS", 6),
             )
             for name, make in (("detail", detail), ("nearby", nearby)):
+                spent = costs(stack, client)
                 big, big_p99s = at_rate_rounds(
                     base, make, rate=rate, seconds=seconds, rounds=rounds
+                )
+                rows[f"{name} at {rate:.0f}/s with {large} lots per request"] = per_request(
+                    spent, costs(stack, client), rate * seconds
                 )
                 rows[f"{name} at {rate:.0f}/s with {large} lots p50/p99 ms (median round)"] = (
                     f"{big['p50_ms']} / {big['p99_ms']}"

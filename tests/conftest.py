@@ -18,7 +18,14 @@ from services.common.config import (
     IngestionSettings,
     ReservationsSettings,
 )
-from tests.stack import Client, Stack, create_database, drop_database, test_secrets
+from tests.stack import (
+    Client,
+    RedisServer,
+    Stack,
+    create_database,
+    drop_database,
+    test_secrets,
+)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +56,17 @@ def database_url(servers: tuple[str, str]) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url(servers: tuple[str, str]) -> str:
     return servers[1]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to flush, stop and start (the session's stays up)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -208,6 +208,14 @@ class _Lots:
         for _ in range(min(2, len(self._dropped))):
             self._dropped.popitem()
 
+    def held(self, lot_id: str, digest: bytes) -> tuple[LotData, Entry] | None:
+        """The lot and the cache's entry for it, if that entry was built from the text of
+        ``digest``."""
+        entry = self._get(lot_id)
+        if entry is None or entry[0] != digest:
+            return None
+        return _unpack(entry[_PACKED:]), entry
+
     def lot(self, lot_id: str, meta_json: str, state: Any) -> tuple[LotData, Entry]:
         """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash (as HGETALL answers it), and
         the cache's entry for it, which ``view`` takes."""
@@ -289,6 +297,60 @@ def _unpack(packed: tuple[Any, ...]) -> LotData:
             updated_at,
         )
     )
+
+
+_PENDING: tuple[Any, ...] = ("pending",)  # a read of the lot is in flight
+
+
+class _Vouched:
+    """Lots whose ``lotmeta:``, ``lot:`` and ``reserved:`` keys this process read on
+    connections Redis tracks for it (``CLIENT TRACKING ON``, RESP3): Redis then pushes an
+    invalidation on that connection when any of them changes, expires or is flushed, in order
+    with the connection's replies. A search takes a vouched lot from the lot cache instead of
+    reading it (most of a search's work in Redis and in this process was reading lots that had
+    not changed); lot detail always reads.
+
+    A lot is marked pending before its read is sent, and vouched for when the read is in only
+    if no invalidation of it came meanwhile (one in the same batch of replies would otherwise
+    be undone). It holds the digest of the cache entry it vouches for (a lot detail may put
+    another there) and the reserved counts with the instant Redis lets them expire. Anything
+    that can lose a push (a connection broken or made anew) forgets every lot."""
+
+    def __init__(self) -> None:
+        self._lots: dict[str, tuple[Any, ...]] = {}
+
+    def get(self, lot_id: str, now_ms: float) -> tuple[Any, ...] | None:
+        """(until, digest, *flat reserved counts) of a lot vouched for, or None."""
+        held = self._lots.get(lot_id)
+        if held is None or held is _PENDING or held[0] <= now_ms:
+            return None
+        return held
+
+    def reading(self, lot_ids: Sequence[str]) -> None:
+        for lot_id in lot_ids:
+            self._lots[lot_id] = _PENDING
+
+    def vouch(self, lot_id: str, until_ms: float, digest: bytes, counts: Mapping[str, int]) -> None:
+        if self._lots.get(lot_id) is _PENDING:
+            self._lots[lot_id] = (until_ms, digest, *_flat(counts))
+
+    def invalidated(self, push: Sequence[Any]) -> None:
+        """Redis' ``invalidate`` push: the keys changed (None: every key, a flush)."""
+        keys = push[1] if len(push) > 1 else None
+        if keys is None:
+            self._lots.clear()
+            return
+        for key in keys:
+            if isinstance(key, bytes):
+                key = key.decode()
+            self._lots.pop(key.partition(":")[2], None)
+
+    def forget_all(self) -> None:
+        self._lots.clear()
+
+
+# reserved counts are kept this long less than Redis keeps them (clocks of two hosts)
+_UNTIL_MARGIN_MS = 1000.0
 
 
 def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str]) -> LotData:
@@ -389,6 +451,7 @@ class ReadPath:
         self._refilling = False
         self._next_refill = 0.0
         self._pipelines: dict[int, AutoPipeline] = {}
+        self._vouched = _Vouched()
         self._reach = _Reach()
         self._lots = _Lots(tuning.lot_cache_max, thresholds)
 
@@ -413,6 +476,7 @@ class ReadPath:
         return self.client
 
     def redis_failed(self, exc: BaseException) -> None:
+        self._vouched.forget_all()
         self._down_until = time.monotonic() + self.tuning.redis_retry_after_s
         with self._lock:
             if self._was_down:
@@ -475,15 +539,45 @@ class ReadPath:
         self, client: redis.Redis, lot_ids: Sequence[str], now: datetime
     ) -> list[Found | None]:
         """Each lot from Redis with its reserved counts (filled from PostgreSQL where not
-        cached), or None where Redis lacks the lot."""
+        cached), or None where Redis lacks the lot; each lot read whole is vouched for from
+        then on (see :class:`_Vouched`)."""
         commands: list[tuple[str, ...]] = [("MGET", *map(livestate.meta_key, lot_ids))]
         for lot_id in lot_ids:
             commands += [
                 ("HGETALL", livestate.lot_key(lot_id)),
                 ("HGETALL", reserved.reserved_key(lot_id)),
             ]
+        self._vouched.reading(lot_ids)
         replies = self._pipeline(client)(*commands)
-        return self._decode(client, lot_ids, replies[0], replies[1::2], replies[2::2], now)
+        return self._decode(
+            client,
+            lot_ids,
+            replies[0],
+            replies[1::2],
+            replies[2::2],
+            now,
+            vouch=self._vouched.vouch,
+        )
+
+    def _read_vouched(
+        self, client: redis.Redis, lot_ids: Sequence[str], now: datetime
+    ) -> list[Found | None]:
+        """``_read`` for the lots Redis does not vouch for; the others from the lot cache."""
+        out: list[Found | None] = []
+        unread: list[str] = []
+        now_ms = time.time() * 1000.0
+        for lot_id in lot_ids:
+            vouched = self._vouched.get(lot_id, now_ms)
+            held = None if vouched is None else self._lots.held(lot_id, vouched[1])
+            if vouched is None or held is None:
+                unread.append(lot_id)
+                out.append(None)
+            else:
+                out.append((held[0], _dict(vouched[2:]), held[1]))
+        if unread:
+            read = iter(self._read(client, unread, now))
+            out = [next(read) if found is None else found for found in out]
+        return out
 
     def _decode(
         self,
@@ -493,21 +587,29 @@ class ReadPath:
         states: Sequence[Any],
         helds: Sequence[Any],
         now: datetime,
+        vouch: Callable[[str, float, bytes, Mapping[str, int]], None] | None = None,
     ) -> list[Found | None]:
         """The lots of their ``lotmeta:`` JSON, ``lot:`` and ``reserved:`` hashes as Redis
-        answered them, with the reserved counts not cached filled from PostgreSQL."""
+        answered them, with the reserved counts not cached filled from PostgreSQL; each lot
+        read whole from Redis, with reserved counts that say when they expire, is passed to
+        ``vouch`` (lot id, expiry in ms since the epoch, cache entry's digest, counts)."""
         out: list[Found | None] = []
         leased: list[str] = []
         for lot_id, meta, state_reply, held in zip(lot_ids, metas, states, helds, strict=True):
             if not state_reply or not meta:
                 out.append(None)
                 continue
-            counts = reserved.decode(_hash(held))
+            raw = _hash(held)
+            counts = reserved.decode(raw)
             if counts is None:
                 leased.append(lot_id)
                 counts = {}
             lot, entry = self._lots.lot(lot_id, meta, state_reply)
             out.append((lot, counts, entry))
+            if vouch is not None and lot_id not in leased:
+                until = reserved.until_ms(raw)
+                if until is not None:
+                    vouch(lot_id, until - _UNTIL_MARGIN_MS, entry[0], counts)
         if leased:  # not cached: fill from PostgreSQL, read after taking the fill lease
             token = reserved.lease(client, leased)
             with self.db.connection() as conn:
@@ -520,14 +622,35 @@ class ReadPath:
 
     def _pipeline(self, client: redis.Redis) -> AutoPipeline:
         """The auto-pipeline of plain commands beside ``client`` (this process's client), on
-        connections of its own that speak RESP2: hiredis builds a hash's reply as a RESP3 map
-        three times slower than as a RESP2 array (2.5 against 0.74 us for a lot's), and a
-        search reads two hashes a lot."""
+        RESP3 connections of its own that Redis tracks (see :class:`_Vouched`); each one made
+        forgets every vouched lot. (Over RESP2 hiredis built a hash's reply three times
+        faster, 0.74 against 2.5 us, which mattered while a search read every lot.)"""
         pipeline = self._pipelines.get(id(client))
         if pipeline is None:
-            resp2 = connect(self.redis_url, self.redis_timeout_s, protocol=2)
-            pipeline = self._pipelines[id(client)] = AutoPipeline(resp2)
+            # no health-check PING: redis-py reads its answer recursing once per push before
+            # it, and a connection idle through a refill holds thousands (a failed command
+            # drops the connection instead)
+            tracked = connect(
+                self.redis_url,
+                self.redis_timeout_s,
+                protocol=3,
+                on_connect=self._track,
+                health_check_s=0,
+            )
+            pipeline = self._pipelines[id(client)] = AutoPipeline(
+                tracked, on_broken=self._vouched.forget_all
+            )
         return pipeline
+
+    def _track(self, conn: Any) -> None:
+        """Set up a new tracked connection: redis-py's handshake, then CLIENT TRACKING, its
+        invalidations to ``_Vouched``."""
+        self._vouched.forget_all()
+        conn.on_connect()
+        conn._parser.set_invalidation_push_handler(self._vouched.invalidated)
+        conn.send_command("CLIENT", "TRACKING", "ON")
+        if str(conn.read_response()) != "OK":
+            raise redis.ConnectionError("Redis refused CLIENT TRACKING")
 
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:
         found = self._read(client, [lot_id], now)[0]
@@ -628,7 +751,7 @@ class ReadPath:
                     frontier = later[0]
                     near = near[: len(near) - len(later)]
             new = [m for m, _ in near if m not in seen]
-            for lot_id, found in zip(new, self._read(client, new, now), strict=True):
+            for lot_id, found in zip(new, self._read_vouched(client, new, now), strict=True):
                 if found is None:
                     raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
                 lot, counts, entry = found

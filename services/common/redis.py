@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -40,16 +41,27 @@ class RedisClient:
         self.client.ping()
 
 
-def connect(url: str, timeout_s: float = 0.5, *, protocol: int = 3) -> redis.Redis:
+def connect(
+    url: str,
+    timeout_s: float = 0.5,
+    *,
+    protocol: int = 3,
+    on_connect: Callable[[Any], None] | None = None,
+    health_check_s: int = 30,
+) -> redis.Redis:
     """A client for ``url`` (redis://, rediss:// or unix://) with short timeouts, speaking
-    RESP3 unless ``protocol`` is 2."""
+    RESP3 unless ``protocol`` is 2. ``on_connect(connection)``, if given, sets up each new
+    connection in place of redis-py's handshake (and must call ``connection.on_connect()``);
+    a connection idle ``health_check_s`` (0: never) is pinged before its next command."""
+    extra: dict[str, Any] = {} if on_connect is None else {"redis_connect_func": on_connect}
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        health_check_interval=30,
+        health_check_interval=health_check_s,
         decode_responses=True,
         protocol=protocol,
+        **extra,
     )
 
 
@@ -106,15 +118,17 @@ class AutoPipeline:
     process and Redis a system call and a wake-up per call; a caller alone is sent at once.
     Each caller gets its own replies or error (the first error among its commands); a
     connection that failed in any way is disconnected, never reused, and every call it carried
-    gets redis-py's error.
+    gets redis-py's error; ``on_broken()``, if given, is told (a connection's RESP3 pushes may
+    have been lost with it).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, on_broken: Callable[[], None] | None = None) -> None:
         self.pool = client.connection_pool
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
         self._sending = False
+        self._on_broken = on_broken
 
     def __call__(self, *commands: Sequence[Any]) -> list[Any]:
         """The replies of ``commands`` (each a command and its arguments), in order."""
@@ -177,11 +191,15 @@ class AutoPipeline:
         except IndexError:
             conn = self.pool.make_connection()
         try:
+            if self._idle:  # (one connection carries the batches but after a failure)
+                self._drain_idle()
             unknown = self._exchange(conn, batch)
             if unknown:
                 self._reload(conn, unknown)
         except BaseException as exc:
             conn.disconnect()
+            if self._on_broken is not None:
+                self._on_broken()
             for call in batch:
                 if call.reply is _PENDING and call.error is None:
                     call.error = (
@@ -191,6 +209,20 @@ class AutoPipeline:
                 raise
             return
         self._idle.append(conn)
+
+    def _drain_idle(self) -> None:
+        """Under the send: take in what Redis pushed to the other idle connections since their
+        last replies, without waiting; one holding anything but pushes, or closed, is dropped."""
+        for conn in list(self._idle):
+            try:
+                clean = _take_pushes(conn)
+            except (OSError, redis.RedisError):
+                clean = False
+            if not clean:
+                self._idle.remove(conn)
+                conn.disconnect()
+                if self._on_broken is not None:
+                    self._on_broken()
 
     def _reload(self, conn: Any, unknown: list[_Call]) -> None:
         """Calls that named a script Redis lacks: they fail (a script runner loads it)."""
@@ -230,25 +262,62 @@ def _reader(conn: Any) -> Any:
 
 
 def _reply(conn: Any, reader: Any) -> Any:
-    """The next reply on ``conn``: taken from the bytes its reader holds when they hold a
-    whole one, else read through redis-py (socket reads, timeouts and errors as it handles
-    them). Going through redis-py's layers for each of a search's 45 replies cost more CPU
-    than parsing them. An error reply is raised, as redis-py raises it; a push message (RESP3,
-    which these connections are not subscribed to get) goes to redis-py's handler."""
+    """The next reply on ``conn``, parsed by its hiredis reader, which is fed from the socket
+    as redis-py feeds it (its timeouts and errors): going through redis-py's layers for each of
+    a search's 45 replies cost more CPU than parsing them. An error reply is raised, as
+    redis-py raises it; a push message (RESP3: a tracked connection's invalidations) goes to
+    the parser's handlers, in a loop (redis-py's ``read_response`` recurses once per push, and
+    a refill's thousands of invalidations in a row exceeded Python's recursion limit)."""
     if reader is None:
         return conn.read_response()
-    push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
-    for _ in range(1_000_000):
+    parser = conn._parser
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    for _ in range(100_000_000):  # each turn parses a reply or reads more bytes
         reply = reader.gets()
         if reply is NOT_ENOUGH_DATA:
-            return conn.read_response()
+            parser.read_from_socket()
+            continue
         if push is not None and isinstance(reply, push):
-            conn._parser.handle_push_response(reply)
+            parser.handle_push_response(reply)
             continue
         if isinstance(reply, Exception):
             raise reply
         return reply
-    return conn.read_response()
+    raise redis.ConnectionError("no end to the replies")
+
+
+def _poll_now() -> Any:
+    """A ``select.poll`` that never yields to another greenlet (gevent patches the module's)."""
+    from gevent import monkey
+
+    return monkey.get_original("select", "poll")()
+
+
+def _take_pushes(conn: Any) -> bool:
+    """Hand the RESP3 pushes waiting on idle ``conn`` to its parser's handlers, without
+    waiting for more; False if it holds anything else (a reply nobody asked for) or closed."""
+    sock: Any = getattr(conn, "_sock", None)
+    reader = _reader(conn) if sock is not None else None
+    if reader is None:
+        return sock is None  # not connected: nothing pending (a hiredis-less redis-py: unknown)
+    poller = _poll_now()
+    poller.register(sock.fileno(), select.POLLIN)
+    for _ in range(64):
+        if not poller.poll(0):
+            break
+        data = sock.recv(65536)
+        if not data:
+            return False
+        reader.feed(data)
+    push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
+    for _ in range(1_000_000):
+        reply = reader.gets()
+        if reply is NOT_ENOUGH_DATA:
+            return True
+        if push is None or not isinstance(reply, push):
+            return False
+        conn._parser.handle_push_response(reply)
+    return False
 
 
 class ScriptRunner(AutoPipeline):

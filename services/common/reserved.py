@@ -25,6 +25,7 @@ import redis
 
 LEASE_FIELD = "_lease"
 FILLED_FIELD = "_ok"
+UNTIL_FIELD = "_until"  # when the fill expires, in ms since the epoch by Redis' clock
 LEASE_TTL_MS = 5000
 
 
@@ -83,6 +84,12 @@ def decode(raw: Mapping[str, str]) -> dict[str, int] | None:
     return {k: int(v) for k, v in raw.items() if not k.startswith("_")}
 
 
+def until_ms(raw: Mapping[str, str]) -> float | None:
+    """When a finished fill expires (ms since the epoch), if it says (fills before it did not)."""
+    until = raw.get(UNTIL_FIELD)
+    return float(until) if until is not None and FILLED_FIELD in raw else None
+
+
 # KEYS: the reserved hashes.  ARGV: token, lease ms.  Takes a lease on every key not filled.
 _LEASE = """
 for i = 1, #KEYS do
@@ -95,10 +102,13 @@ return 1
 """
 
 # KEYS: reserved hashes.  ARGV: token, then per key: ttl ms, n, and n type/count pairs.  Writes a
-# key only if our lease on it still stands (a DEL by a reservation writer in between removed it).
+# key only if our lease on it still stands (a DEL by a reservation writer in between removed it),
+# with the instant it expires (a reader keeping the counts knows when to stop).
 _STORE = """
 local a = 2
 local written = 0
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 for i = 1, #KEYS do
   local ttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local pairs_at = a + 2
@@ -109,6 +119,7 @@ for i = 1, #KEYS do
     for j = 0, n - 1 do
       redis.call('HSET', KEYS[i], ARGV[pairs_at + 2 * j], ARGV[pairs_at + 2 * j + 1])
     end
+    redis.call('HSET', KEYS[i], '_until', now_ms + ttl)
     redis.call('PEXPIRE', KEYS[i], ttl)
     written = written + 1
   end

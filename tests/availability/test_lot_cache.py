@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from orjson import loads
 
 from services.availability.domain import Thresholds, lot_view
-from services.availability.readpath import _Lots, lot_from_redis
+from services.availability.readpath import _Lots, _Vouched, lot_from_redis
 from services.common.app import dumps
 
 THRESHOLDS = Thresholds(unknown_after_s=600.0, almost_full_ratio=0.9)
@@ -168,3 +168,37 @@ def test_a_cached_lot_costs_a_few_kilobytes() -> None:
     finally:
         tracemalloc.stop()
     assert per_lot < 3000, per_lot
+
+
+def test_a_lot_is_vouched_for_only_if_no_invalidation_came_during_its_read() -> None:
+    """Pending before the read, vouched after it unless Redis invalidated one of its keys
+    meanwhile (that push comes before the read's replies when the change came first, after
+    them otherwise: either way what was read may be stale); until its reserved counts expire;
+    a flush (no keys) or anything losing pushes forgets every lot."""
+    a, b = IDS
+    counts = {"standard": 1}
+    vouched = _Vouched()
+    vouched.reading([a, b])
+    assert vouched.get(a, 0.0) is None  # pending
+    vouched.invalidated(["invalidate", [f"lot:{a}".encode()]])
+    vouched.vouch(a, 2000.0, b"digest-a", counts)
+    vouched.vouch(b, 2000.0, b"digest-b", counts)
+    assert vouched.get(a, 1000.0) is None
+    assert vouched.get(b, 1000.0) == (2000.0, b"digest-b", "standard", 1)
+    assert vouched.get(b, 2000.0) is None  # its reserved counts expired
+    vouched.vouch(a, 2000.0, b"digest-a", counts)
+    assert vouched.get(a, 1000.0) is None  # not read since: nothing to vouch for
+
+    vouched.reading([a])
+    vouched.vouch(a, 3000.0, b"digest-a", counts)
+    assert vouched.get(a, 1000.0) is not None
+    vouched.invalidated(["invalidate", [f"reserved:{a}"]])  # str keys too
+    assert vouched.get(a, 1000.0) is None and vouched.get(b, 1000.0) is not None
+    vouched.invalidated(["invalidate", None])  # FLUSHALL
+    assert vouched.get(b, 1000.0) is None
+
+    vouched.reading([a, b])
+    vouched.vouch(a, 3000.0, b"digest-a", counts)
+    vouched.forget_all()  # a connection broken: its pushes may be lost
+    vouched.vouch(b, 3000.0, b"digest-b", counts)
+    assert vouched.get(a, 1000.0) is None and vouched.get(b, 1000.0) is None

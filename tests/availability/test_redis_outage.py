@@ -7,10 +7,7 @@ stops and starts again; the session's Redis stays up for the other tests.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,62 +19,11 @@ from services.availability.readpath import GEO_COMPLETE_KEY
 from services.common import livestate
 from services.common.redis import connect
 from tests.availability import facts
-from tests.stack import Stack, free_port, redis_server_binary, wait_for
+from tests.stack import RedisServer, Stack, wait_for
 
-
-class RedisServer:
-    """A redis-server process on 127.0.0.1 without persistence: a restart comes back empty."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = connect(self.url, 1.0)
-        wait_for(client.ping, timeout=10, what="redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def own_stack(database_url: str, own_redis: RedisServer, tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(
-        database_url,
-        own_redis.url,
-        tmp_path / "stack",
-        env_overrides={"PARKING_AVAILABILITY_STREAM_HEARTBEAT_S": "0.3"},
-    )
-    stack.names = ("gateway", "availability")
-    with stack:
-        yield stack
+# the processes ``own_stack`` runs, and their environment
+OWN_STACK = ("gateway", "availability")
+OWN_STACK_ENV = {"PARKING_AVAILABILITY_STREAM_HEARTBEAT_S": "0.3"}
 
 
 def test_answers_survive_a_flush_and_a_restart_of_redis(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.common.redis import AutoPipeline, ScriptRunner, _reader, pack_commands
+from services.common.redis import AutoPipeline, ScriptRunner, _reader, connect, pack_commands
 
 # Echoes its key and argument; fails when asked to; counts its runs in one key.
 ECHO = """
@@ -295,3 +295,69 @@ def test_replies_are_read_from_the_parser_whole_however_the_socket_splits_them(
         assert _reader(conn) is conn._parser._reader is not None
     finally:
         redis_client.delete(f"{prefix}:big", f"{prefix}:h")
+
+
+def _tracked_pipeline(url: str, seen: list[Any], broken: list[int]) -> AutoPipeline:
+    """An auto-pipeline on RESP3 connections Redis tracks, their invalidations into ``seen``."""
+
+    def track(conn: Any) -> None:
+        conn.on_connect()
+        conn._parser.set_invalidation_push_handler(seen.append)
+        conn.send_command("CLIENT", "TRACKING", "ON")
+        assert conn.read_response() in ("OK", b"OK")
+
+    client = connect(url, 2.0, protocol=3, on_connect=track, health_check_s=0)
+    return AutoPipeline(client, on_broken=lambda: broken.append(1))
+
+
+def test_thousands_of_pushes_before_a_reply_reach_the_handler_in_a_loop(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """A tracked connection idle while 5,000 keys it read change holds 5,000 invalidations
+    before its next reply: each reaches the push handler (redis-py's own reading recursed once
+    per push, past Python's limit), then the reply comes as it should."""
+    seen: list[Any] = []
+    broken: list[int] = []
+    pipeline = _tracked_pipeline(redis_url, seen, broken)
+    keys = [f"test:tracked:{uuid.uuid4().hex}:{n}" for n in range(5000)]
+    try:
+        redis_client.mset(dict.fromkeys(keys, "0"))
+        assert pipeline(*(("GET", k) for k in keys)) == ["0"] * 5000
+        for start in range(0, 5000, 500):
+            redis_client.mset(dict.fromkeys(keys[start : start + 500], "1"))
+        assert pipeline(("GET", keys[0])) == ["1"]
+        invalidated = {k for push in seen for k in push[1]}
+        assert {k.decode() if isinstance(k, bytes) else k for k in invalidated} == set(keys)
+        assert not broken
+    finally:
+        redis_client.delete(*keys)
+
+
+def test_pushes_to_an_idle_connection_are_taken_in_before_the_next_batch(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Two connections (two batches at once): an invalidation for a key read on one reaches
+    the handler before a batch the other carries is answered; a flush's (no keys) too; a
+    connection killed while idle is dropped, and ``on_broken`` told."""
+    seen: list[Any] = []
+    broken: list[int] = []
+    pipeline = _tracked_pipeline(redis_url, seen, broken)
+    key = f"test:tracked:{uuid.uuid4().hex}"
+    redis_client.set(key, "0")
+    try:
+        first, second = (pipeline.pool.make_connection() for _ in range(2))
+        second.connect()
+        second.send_command("CLIENT", "ID")
+        second_id = int(second.read_response())
+        pipeline._idle[:] = [first, second]
+        assert pipeline(("GET", key)) == ["0"]  # on ``second``, the last idle one
+        pipeline._idle.reverse()  # the next batch on ``first``
+        redis_client.set(key, "1")
+        assert pipeline(("PING",)) == ["PONG"]
+        assert [k for push in seen for k in push[1]] in ([key], [key.encode()])
+        assert len(pipeline._idle) == 2 and not broken
+        redis_client.client_kill_filter(_id=str(second_id))
+        assert pipeline(("PING",)) == ["PONG"]  # on ``first``: ``second`` found closed
+        assert broken and pipeline._idle == [first]
+    finally:
+        redis_client.delete(key)
