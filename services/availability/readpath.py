@@ -47,6 +47,7 @@ from services.availability.domain import (
     status_of,
     usage,
 )
+from services.availability.geoindex import GeoIndex, positions
 from services.availability.settings import ReadPathSettings
 from services.common import livestate, reserved
 from services.common.app import dumps
@@ -314,10 +315,28 @@ class _Vouched:
     if no invalidation of it came meanwhile (one in the same batch of replies would otherwise
     be undone). It holds the digest of the cache entry it vouches for (a lot detail may put
     another there) and the reserved counts with the instant Redis lets them expire. Anything
-    that can lose a push (a connection broken or made anew) forgets every lot."""
+    that can lose a push (a connection broken or made anew) forgets every lot.
+
+    It vouches the same way for a copy of the geo index (:class:`GeoIndex`), read whole:
+    ``geo`` is the copy while no change of ``lots:geo`` has come since its read was sent."""
 
     def __init__(self) -> None:
         self._lots: dict[str, tuple[Any, ...]] = {}
+        self.geo: GeoIndex | None = None
+        self._geo_read: object | None = None  # the token of the geo index's read in flight
+
+    def geo_reading(self) -> object:
+        """Before reading the geo index: its token, which ``geo_vouch`` wants back."""
+        self.geo = None
+        token = self._geo_read = object()
+        return token
+
+    def geo_unchanged(self, token: object) -> bool:
+        return self._geo_read is token
+
+    def geo_vouch(self, token: object, index: GeoIndex) -> None:
+        if self._geo_read is token:
+            self.geo = index
 
     def get(self, lot_id: str, now_ms: float) -> tuple[Any, ...] | None:
         """(until, digest, *flat reserved counts) of a lot vouched for, or None."""
@@ -338,19 +357,33 @@ class _Vouched:
         """Redis' ``invalidate`` push: the keys changed (None: every key, a flush)."""
         keys = push[1] if len(push) > 1 else None
         if keys is None:
-            self._lots.clear()
+            self.forget_all()
             return
         for key in keys:
             if isinstance(key, bytes):
                 key = key.decode()
-            self._lots.pop(key.partition(":")[2], None)
+            if key == livestate.GEO_KEY:
+                self.geo = self._geo_read = None
+            else:
+                self._lots.pop(key.partition(":")[2], None)
 
     def forget_all(self) -> None:
         self._lots.clear()
+        self.geo = self._geo_read = None
 
 
 # reserved counts are kept this long less than Redis keeps them (clocks of two hosts)
 _UNTIL_MARGIN_MS = 1000.0
+
+
+def _off_loop(work: Callable[[], Any]) -> Any:
+    """``work()`` in a native thread when gevent runs this process (its event loop, serving
+    requests, then waits at most the interpreter's switch interval at a time), else here."""
+    from gevent import get_hub, monkey
+
+    if monkey.is_module_patched("threading"):
+        return get_hub().threadpool.apply(work)
+    return work()
 
 
 def lot_from_redis(lot_id: str, meta: Mapping[str, Any], state: Mapping[str, str]) -> LotData:
@@ -452,6 +485,8 @@ class ReadPath:
         self._next_refill = 0.0
         self._pipelines: dict[int, AutoPipeline] = {}
         self._vouched = _Vouched()
+        self._geo_building = False
+        self._next_geo_build = 0.0
         self._reach = _Reach()
         self._lots = _Lots(tuning.lot_cache_max, thresholds)
 
@@ -732,7 +767,7 @@ class ReadPath:
         def source(k: int, min_d: float, seen: Seen, page: int) -> float:
             radius = query.radius_m + GEO_MARGIN_M
             first = self._reach.radius_for(k, radius)
-            hits = nearest(run, query.lon, query.lat, radius, k, first)
+            hits = self._nearest(client, run, query.lon, query.lat, radius, k, first)
             if hits is None:
                 raise CacheIncomplete("the geo index is not vouched complete")
             if not hits:
@@ -760,6 +795,72 @@ class ReadPath:
             return frontier
 
         return source
+
+    def _nearest(
+        self,
+        client: redis.Redis,
+        run: AutoPipeline,
+        lon: float,
+        lat: float,
+        radius: float,
+        count: int,
+        first: float,
+    ) -> list[Any] | None:
+        """``nearest``, from this process's copy of the geo index while Redis vouches for it
+        (and the index is complete); else from Redis, and a copy is made in the background.
+        The round trip for the completeness marker also takes in every invalidation Redis sent
+        before it, so the copy (and the lots vouched for after it) are checked after it."""
+        if self._vouched.geo is not None:
+            (complete,) = run(("EXISTS", GEO_COMPLETE_KEY))
+            if not complete:
+                return None
+            index = self._vouched.geo
+            hits = None if index is None else index.nearest(lon, lat, radius, count, first)
+            if hits is not None:
+                return hits
+        else:
+            self._want_geo(client)
+        return nearest(run, lon, lat, radius, count, first)
+
+    def _want_geo(self, client: redis.Redis) -> None:
+        """Start copying the geo index, unless a copy is being made or one was made lately
+        (the next waits four times as long as the last one took, at least a second: lots
+        registered one after another each change the index)."""
+        with self._lock:
+            if self._geo_building or time.monotonic() < self._next_geo_build:
+                return
+            self._geo_building = True
+        threading.Thread(
+            target=self._copy_geo, args=(client,), name="geo-copy", daemon=True
+        ).start()
+
+    def _copy_geo(self, client: redis.Redis) -> None:
+        started = time.monotonic()
+        try:
+            run = self._pipeline(client)
+            token = self._vouched.geo_reading()
+            pairs: list[Any] = []
+            chunk = self.tuning.refill_chunk
+            for start in range(0, 100_000_000, chunk):
+                (got,) = run(("ZRANGE", livestate.GEO_KEY, start, start + chunk - 1, "WITHSCORES"))
+                pairs += got
+                if len(got) < chunk or not self._vouched.geo_unchanged(token):
+                    break
+            if self._vouched.geo_unchanged(token):
+                index = _off_loop(lambda: GeoIndex.build(positions(pairs)))
+                self._vouched.geo_vouch(token, index)
+                log.info(
+                    "geo index copied: %d lots in %.3f s%s",
+                    index.size,
+                    time.monotonic() - started,
+                    "" if self._vouched.geo is index else " (changed meanwhile: dropped)",
+                )
+        except REDIS_ERRORS as exc:
+            log.info("copying the geo index failed: %s", type(exc).__name__)
+        finally:
+            with self._lock:
+                self._geo_building = False
+                self._next_geo_build = time.monotonic() + max(1.0, 4 * (time.monotonic() - started))
 
     def _pg_source(self, conn: Any, query: NearbyQuery, now: datetime) -> Source:
         box = bounding_box(query.lat, query.lon, query.radius_m + GEO_MARGIN_M)

@@ -25,12 +25,14 @@ from tests.stack import Client, RedisServer, Stack, wait_for
 OWN_STACK = ("gateway", "ingestion", "availability", "reservations")
 
 
-def _calls(client: redis.Redis) -> tuple[int, int]:
-    """How many geo searches Redis has answered, and how many times it has been asked for a
-    lot's state (``lot:`` hashes and the ``reserved:`` ones read with them)."""
+def _calls(client: redis.Redis) -> tuple[int, int, int]:
+    """How many times Redis has been asked whether the geo index is complete (every search
+    from Redis asks), for a geo search, and for a lot's state (``lot:`` hashes and the
+    ``reserved:`` ones read with them)."""
     stats = client.info("commandstats")
     return tuple(  # type: ignore[return-value]
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("geosearch", "hgetall")
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("exists", "geosearch", "hgetall")
     )
 
 
@@ -83,16 +85,22 @@ def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
         )
         return item
 
+    def ids_near(lat: float, lon: float) -> list[str]:
+        resp = anonymous.get("/v1/lots", params={"lat": lat, "lon": lon, "radius_m": 200})
+        assert resp.status_code == 200, resp.text
+        return [i["id"] for i in resp.json()["items"]]
+
     def counts() -> tuple[int, int]:
         item = found()
         return item["occupied"]["standard"], item["reserved"]["standard"]
 
     def served_from_cache(*where: Any) -> bool:
-        """A search answered from Redis' geo index without reading any lot from Redis."""
-        searched, read = _calls(client)
+        """A search answered with Redis' vouching, from the worker's copies of the geo index
+        and of the lots (no GEOSEARCH, no lot read)."""
+        asked, searched, read = _calls(client)
         found(*where)
-        now_searched, now_read = _calls(client)
-        return now_searched > searched and now_read == read
+        now_asked, now_searched, now_read = _calls(client)
+        return now_asked > asked and (now_searched, now_read) == (searched, read)
 
     def entries(*ids: str) -> None:
         at = datetime.now(UTC) - timedelta(seconds=5)
@@ -118,9 +126,9 @@ def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
     assert counts() == (0, 0)
 
     # lot detail always reads the lot, and so does a search after a change
-    before = _calls(client)[1]
+    before = _calls(client)[2]
     detail = anonymous.get(f"/v1/lots/{lot_id}")
-    assert detail.status_code == 200 and _calls(client)[1] > before
+    assert detail.status_code == 200 and _calls(client)[2] > before
 
     entries("in-1")
     assert counts() == (1, 0)  # the very next search
@@ -169,3 +177,16 @@ def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
     wait_for(served_from_cache, timeout=10, interval=0.05, what="a search from the cache")
     entries("in-5")
     assert counts() == (5, 1)
+
+    # the geo index copied: a lot registered, moved or deleted is seen by the very next search
+    wait_for(served_from_cache, timeout=10, interval=0.05, what="a search from the cache")
+    near = facts.offset(lat, lon, 60, 30)
+    added = new_lot("Tracked P3", *near)
+    assert found(added)["id"] == added
+    wait_for(served_from_cache, timeout=10, interval=0.05, what="the index copied again")
+    moved = operator.patch(f"/v1/lots/{added}", json={"location": {"lat": far[0], "lon": far[1]}})
+    assert moved.status_code == 200, moved.text
+    assert added not in ids_near(lat, lon) and added in ids_near(*far)
+    wait_for(served_from_cache, timeout=10, interval=0.05, what="the index copied again")
+    assert operator.delete(f"/v1/lots/{added}").status_code == 204
+    assert added not in ids_near(*far)
