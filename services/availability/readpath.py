@@ -827,7 +827,11 @@ class ReadPath:
         (the next waits four times as long as the last one took, at least a second: lots
         registered one after another each change the index)."""
         with self._lock:
-            if self._geo_building or time.monotonic() < self._next_geo_build:
+            if (
+                self._geo_building
+                or time.monotonic() < self._next_geo_build
+                or not self.tuning.geo_copy_max
+            ):
                 return
             self._geo_building = True
         threading.Thread(
@@ -836,17 +840,23 @@ class ReadPath:
 
     def _copy_geo(self, client: redis.Redis) -> None:
         started = time.monotonic()
+        wait = 0.0
         try:
             run = self._pipeline(client)
+            run(("EXISTS", GEO_COMPLETE_KEY))  # connected first (a new connection forgets all)
             token = self._vouched.geo_reading()
             pairs: list[Any] = []
             chunk = self.tuning.refill_chunk
-            for start in range(0, 100_000_000, chunk):
+            largest = self.tuning.geo_copy_max
+            for start in range(0, largest + 1, chunk):
                 (got,) = run(("ZRANGE", livestate.GEO_KEY, start, start + chunk - 1, "WITHSCORES"))
                 pairs += got
                 if len(got) < chunk or not self._vouched.geo_unchanged(token):
                     break
-            if self._vouched.geo_unchanged(token):
+            if len(pairs) > largest:  # too large to copy: GEOSEARCH answers, tried again later
+                log.info("geo index not copied: more than %d lots", largest)
+                wait = 300.0
+            elif self._vouched.geo_unchanged(token):
                 index = _off_loop(lambda: GeoIndex.build(positions(pairs)))
                 self._vouched.geo_vouch(token, index)
                 log.info(
@@ -860,7 +870,8 @@ class ReadPath:
         finally:
             with self._lock:
                 self._geo_building = False
-                self._next_geo_build = time.monotonic() + max(1.0, 4 * (time.monotonic() - started))
+                took = time.monotonic() - started
+                self._next_geo_build = time.monotonic() + max(1.0, 4 * took, wait)
 
     def _pg_source(self, conn: Any, query: NearbyQuery, now: datetime) -> Source:
         box = bounding_box(query.lat, query.lon, query.radius_m + GEO_MARGIN_M)

@@ -28,6 +28,10 @@ class ReadPathSettings(BaseSettings):
     lot_cache_max: int = Field(
         200_000, ge=0, le=1_000_000, description="lots (and their views) kept parsed per process"
     )
+    # The worker's copy of the geo index costs about 650 bytes a lot (65 MB at 100,000).
+    geo_copy_max: int = Field(
+        500_000, ge=0, description="largest geo index a worker copies (0: never; GEOSEARCH then)"
+    )
     refill_chunk: int = Field(5000, ge=100, le=100_000, description="lots per refill batch")
     stream_heartbeat_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval")
     stream_retry_ms: int = Field(2000, ge=100, description="SSE reconnect delay for clients")

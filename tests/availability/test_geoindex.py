@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
+from typing import Any
 
 import redis
 from hypothesis import given, settings
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from services.availability.domain import haversine_m
 from services.availability.geoindex import GeoIndex, positions
+from services.common import livestate
+from tests.availability import facts
 
 
 def _near(rng: random.Random, lat: float, lon: float, spread_m: float) -> tuple[float, float]:
@@ -101,3 +104,29 @@ def test_it_finds_the_nearest_within_the_radius(
     assert [m for m, _ in got] == [m for _, m in ranked[: len(got)]]
     for (_, d), (rd, _) in zip(got, ranked, strict=False):
         assert abs(d - rd) < 1e-6
+
+
+def test_a_worker_copies_the_geo_index_only_up_to_its_bound(
+    lookups: Any, redis_client: redis.Redis, conn: Any, operator_id: str
+) -> None:
+    """The read path's copy holds every member of Redis' index; past
+    ``PARKING_AVAILABILITY_GEO_COPY_MAX`` no copy is made (GEOSEARCH answers), and 0 means
+    never, not even a first read."""
+    lat, lon = facts.somewhere()
+    for n in range(3):
+        facts.lot(conn, operator_id, lat=lat + n * 0.001, lon=lon, client=redis_client)
+    lookups.refill(redis_client)
+    size = int(redis_client.zcard(livestate.GEO_KEY))
+    assert size > 0
+    lookups._copy_geo(redis_client)
+    assert lookups._vouched.geo is not None and lookups._vouched.geo.size == size
+    lookups._vouched.forget_all()
+    lookups.tuning = lookups.tuning.model_copy(
+        update={"geo_copy_max": size - 1, "refill_chunk": 100}
+    )
+    lookups._copy_geo(redis_client)
+    assert lookups._vouched.geo is None
+    lookups.tuning = lookups.tuning.model_copy(update={"geo_copy_max": 0})
+    lookups._next_geo_build = 0.0
+    lookups._want_geo(redis_client)
+    assert not lookups._geo_building
