@@ -25,14 +25,14 @@ from tests.stack import Client, RedisServer, Stack, wait_for
 OWN_STACK = ("gateway", "ingestion", "availability", "reservations")
 
 
-def _calls(client: redis.Redis) -> tuple[int, int, int]:
+def _calls(client: redis.Redis) -> tuple[int, int, int, int]:
     """How many times Redis has been asked whether the geo index is complete (every search
-    from Redis asks), for a geo search, and for a lot's state (``lot:`` hashes and the
-    ``reserved:`` ones read with them)."""
+    from Redis asks), for a geo search, for a lot's state (``lot:`` hashes and the
+    ``reserved:`` ones read with them), and for a PONG (a lot detail from the cache asks)."""
     stats = client.info("commandstats")
     return tuple(  # type: ignore[return-value]
         int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
-        for name in ("exists", "geosearch", "hgetall")
+        for name in ("exists", "geosearch", "hgetall", "ping")
     )
 
 
@@ -40,7 +40,7 @@ def _tracked(client: redis.Redis) -> list[dict[str, Any]]:
     return [c for c in client.client_list() if "t" in c["flags"]]
 
 
-def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
+def test_searches_and_details_see_every_change_of_a_lot_they_take_from_the_cache(
     own_stack: Stack, own_redis: RedisServer, conn: psycopg.Connection[Any]
 ) -> None:
     client = connect(own_redis.url, 2.0)
@@ -90,17 +90,36 @@ def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
         assert resp.status_code == 200, resp.text
         return [i["id"] for i in resp.json()["items"]]
 
+    def detail() -> dict[str, Any]:
+        resp = anonymous.get(f"/v1/lots/{lot_id}")
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
     def counts() -> tuple[int, int]:
+        """The lot's occupied and reserved counts as the very next lot detail answers them,
+        and then the very next search (a detail after a change reads no lot the search read
+        after it)."""
+        shown = detail()
         item = found()
-        return item["occupied"]["standard"], item["reserved"]["standard"]
+        seen = item["occupied"]["standard"], item["reserved"]["standard"]
+        assert (shown["occupied"]["standard"], shown["reserved"]["standard"]) == seen
+        return seen
 
     def served_from_cache(*where: Any) -> bool:
         """A search answered with Redis' vouching, from the worker's copies of the geo index
         and of the lots (no GEOSEARCH, no lot read)."""
-        asked, searched, read = _calls(client)
+        asked, searched, read, _ = _calls(client)
         found(*where)
-        now_asked, now_searched, now_read = _calls(client)
+        now_asked, now_searched, now_read, _ = _calls(client)
         return now_asked > asked and (now_searched, now_read) == (searched, read)
+
+    def detail_from_cache() -> bool:
+        """A lot detail answered from the worker's copy, after a PING (no lot read)."""
+        _, _, read, pinged = _calls(client)
+        detail()
+        _, _, now_read, now_pinged = _calls(client)
+        return now_pinged > pinged and now_read == read
 
     def entries(*ids: str) -> None:
         at = datetime.now(UTC) - timedelta(seconds=5)
@@ -125,10 +144,8 @@ def test_a_search_sees_every_change_of_a_lot_it_takes_from_the_cache(
     assert _tracked(client), "no connection of the availability worker is tracked"
     assert counts() == (0, 0)
 
-    # lot detail always reads the lot, and so does a search after a change
-    before = _calls(client)[2]
-    detail = anonymous.get(f"/v1/lots/{lot_id}")
-    assert detail.status_code == 200 and _calls(client)[2] > before
+    # a lot detail takes the lot the search vouched for, after a PING
+    assert detail_from_cache()
 
     entries("in-1")
     assert counts() == (1, 0)  # the very next search
