@@ -75,11 +75,24 @@ def status_of(
     thresholds: Thresholds,
 ) -> str:
     """open, almost_full, full, closed (outside opening hours) or unknown (no recent data)."""
-    if not is_open(lot.opening_hours, lot.timezone, now):
+    return status_at(
+        lot.opening_hours, lot.timezone, lot.updated_at, capacity, used, now, thresholds
+    )
+
+
+def status_at(
+    opening_hours: str,
+    timezone: str,
+    updated_at: datetime | None,
+    capacity: int,
+    used: int,
+    now: datetime,
+    thresholds: Thresholds,
+) -> str:
+    """``status_of`` a lot of these opening hours, time zone and latest data."""
+    if not is_open(opening_hours, timezone, now):
         return "closed"
-    if lot.updated_at is None or (now - lot.updated_at).total_seconds() > (
-        thresholds.unknown_after_s
-    ):
+    if updated_at is None or (now - updated_at).total_seconds() > thresholds.unknown_after_s:
         return "unknown"
     if capacity <= 0 or used >= capacity:
         return "full"

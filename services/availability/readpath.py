@@ -48,6 +48,7 @@ from services.availability.domain import (
     lot_view,
     matches,
     parse_time,
+    status_at,
     status_of,
     usage,
 )
@@ -217,6 +218,24 @@ class _Lots:
         """Whether the cache's entry for the lot was built from the text of ``digest``."""
         entry = self._young.get(lot_id) or self._old.get(lot_id)
         return entry is not None and entry[0] == digest
+
+    def held_view(
+        self, lot_id: str, digest: bytes, counts: tuple[Any, ...], now: datetime
+    ) -> tuple[int, bytes] | None:
+        """(version, view JSON) of the lot built from the text of ``digest``, when the view
+        built last is for these (flat) reserved ``counts`` and its status still holds; else
+        None (then ``held`` and ``view`` build it)."""
+        entry = self._get(lot_id)
+        if entry is None or entry[0] != digest:
+            return None
+        _, held, view, status, total, used = entry[:_PACKED]
+        if not view or held != counts:
+            return None
+        packed = entry[_PACKED:]
+        hours, timezone, updated_at = packed[6], packed[7], packed[-1]
+        if status_at(hours, timezone, updated_at, total, used, now, self.thresholds) != status:
+            return None
+        return packed[-2], view
 
     def held(self, lot_id: str, digest: bytes) -> tuple[LotData, Entry] | None:
         """The lot and the cache's entry for it, if that entry was built from the text of
@@ -697,29 +716,39 @@ class ReadPath:
             raise redis.ConnectionError("Redis refused CLIENT TRACKING")
 
     def _detail_redis(self, client: redis.Redis, lot_id: str, now: datetime) -> Any:
-        found = self._detail_vouched(client, lot_id) or self._read(client, [lot_id], now)[0]
+        view = self._detail_vouched(client, lot_id, now)
+        if view is not None:
+            return view
+        found = self._read(client, [lot_id], now)[0]
         if found is None:
             return None
         lot, counts, entry = found
         return lot.version, orjson.Fragment(self._lots.view(lot, counts, now, entry))
 
-    def _detail_vouched(self, client: redis.Redis, lot_id: str) -> Found | None:
-        """The lot from the lot cache while Redis vouches for it, else None. A PING on the
-        tracked connection first takes in every invalidation Redis sent before it, so a change
-        Redis took before this request (an event's live state, acknowledged) is seen: a lot
-        vouched for after it is as Redis holds it (as a search checks its lots after its
-        round trip for the geo index's marker). The PING costs Redis and this process less
-        than reading the lot's three keys and checking them against the cache."""
+    def _detail_vouched(
+        self, client: redis.Redis, lot_id: str, now: datetime
+    ) -> tuple[int, orjson.Fragment] | None:
+        """The lot's version and view from the lot cache while Redis vouches for it, else
+        None. A PING on the tracked connection first takes in every invalidation Redis sent
+        before it, so a change Redis took before this request (an event's live state,
+        acknowledged) is seen: a lot vouched for after it is as Redis holds it (as a search
+        checks its lots after its round trip for the geo index's marker). The PING costs Redis
+        and this process less than reading the lot's three keys and checking them against the
+        cache, and the view built last is taken as it is while its status holds."""
         vouched = self._vouched.get(lot_id, time.time() * 1000.0)
         if vouched is None or not self._lots.holds(lot_id, vouched[1]):
             return None
         self._pipeline(client)(("PING",))
         if self._vouched.get(lot_id, time.time() * 1000.0) is not vouched:
             return None  # changed meanwhile (or read again): read it
+        built = self._lots.held_view(lot_id, vouched[1], vouched[2:], now)
+        if built is not None:
+            return built[0], orjson.Fragment(built[1])
         held = self._lots.held(lot_id, vouched[1])
         if held is None:
             return None
-        return held[0], _dict(vouched[2:]), held[1]
+        lot, entry = held
+        return lot.version, orjson.Fragment(self._lots.view(lot, _dict(vouched[2:]), now, entry))
 
     def _detail_pg(self, lot_id: str, now: datetime) -> tuple[int, dict[str, Any]] | None:
         with self.db.connection() as conn:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from orjson import loads
 
 from services.availability.domain import Thresholds, lot_view
-from services.availability.readpath import _Lots, _Vouched, lot_from_redis
+from services.availability.readpath import _flat, _Lots, _Vouched, lot_from_redis
 from services.common.app import dumps
 
 THRESHOLDS = Thresholds(unknown_after_s=600.0, almost_full_ratio=0.9)
@@ -75,6 +75,9 @@ def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any], 
         assert lot == fresh
         given_entry = entries.get(lot_id, entry) if old else entry
         expected = dumps(lot_view(fresh, counts, now, THRESHOLDS))
+        # the view built last, taken as it is (a lot detail Redis vouches for)
+        held = lots.held_view(lot_id, entry[0], _flat(dict(counts)), now)
+        assert held is None or held == (fresh.version, expected)
         assert lots.view(lot, dict(counts), now, given_entry) == expected
         assert lots.view(lot, dict(counts), now, None) == expected  # a lot not read here
         entries[lot_id] = entry
@@ -89,6 +92,10 @@ def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
     view = lots.view(lot, {}, START, entry)
     _, entry = lots.lot(IDS[0], meta, resp2(live))
     assert lots.view(lot, {}, START + timedelta(seconds=1), entry) is view
+    assert lots.held_view(IDS[0], entry[0], (), START + timedelta(seconds=2)) == (1, view)
+    assert lots.held_view(IDS[0], entry[0], ("standard", 1), START) is None  # other counts
+    assert lots.held_view(IDS[0], entry[0], (), START + timedelta(seconds=601)) is None  # unknown
+    assert lots.held_view(IDS[1], entry[0], (), START) is None
     assert loads(view)["status"] == "open" and loads(view)["free"]["standard"] == 6
     _, entry = lots.lot(IDS[0], meta, resp2(live))
     held = loads(lots.view(lot, {"standard": 6}, START, entry))

@@ -154,28 +154,20 @@ from gevent import monkey
 monkey.patch_all()
 import sys
 import gevent
+from services.common import redis
 from services.common.redis import AutoPipeline, connect
 
 pipeline = AutoPipeline(connect(sys.argv[1], 5.0))
 log = []
-make = pipeline.pool.make_connection
+send = redis._send
 
 
-class Logged:
-    def make_connection(self):
-        conn = make()
-        send = conn.send_packed_command
-
-        def logged(command, check_health=True):
-            if any(b"PING" in bytes(part) for part in command):  # not the handshake's
-                log.append("send")
-            send(command, check_health)
-
-        conn.send_packed_command = logged
-        return conn
+def logged(conn, data):
+    log.append("send")
+    send(conn, data)
 
 
-pipeline.pool = Logged()
+redis._send = logged
 
 
 callers = []
