@@ -10,9 +10,10 @@ trustworthy:
   a full refill sets it after writing every lot, and a flush removes it with everything else.
   Without it, searches run in PostgreSQL (bounding box + haversine) and a refill starts.
 
-A search reads from Redis only what Redis does not vouch for: the lots and the geo index this
-process read on connections Redis tracks and that no invalidation has touched since are taken
-from its own copies (``_Vouched``, ``geoindex.GeoIndex``); lot detail reads the lot every time.
+A search or a lot detail reads from Redis only what Redis does not vouch for: the lots and the
+geo index this process read on connections Redis tracks and that no invalidation has touched
+since are taken from its own copies (``_Vouched``, ``geoindex.GeoIndex``), after one round trip
+on those connections that takes in every invalidation sent before it (a detail's is a PING).
 
 When Redis fails, this process serves from PostgreSQL for ``redis_retry_after_s`` before trying
 again, and refills Redis once it answers again (it may have restarted empty or missed writes).
