@@ -90,7 +90,7 @@ def test_searches_and_details_see_every_change_of_a_lot_they_take_from_the_cache
         assert resp.status_code == 200, resp.text
         return [i["id"] for i in resp.json()["items"]]
 
-    def detail() -> dict[str, Any]:
+    def detail(lot_id: str = lot_id) -> dict[str, Any]:
         resp = anonymous.get(f"/v1/lots/{lot_id}")
         assert resp.status_code == 200, resp.text
         body: dict[str, Any] = resp.json()
@@ -114,10 +114,10 @@ def test_searches_and_details_see_every_change_of_a_lot_they_take_from_the_cache
         now_asked, now_searched, now_read, _ = _calls(client)
         return now_asked > asked and (now_searched, now_read) == (searched, read)
 
-    def detail_from_cache() -> bool:
+    def detail_from_cache(lot_id: str = lot_id) -> bool:
         """A lot detail answered from the worker's copy, after a PING (no lot read)."""
         _, _, read, pinged = _calls(client)
-        detail()
+        detail(lot_id)
         _, _, now_read, now_pinged = _calls(client)
         return now_pinged > pinged and now_read == read
 
@@ -205,5 +205,7 @@ def test_searches_and_details_see_every_change_of_a_lot_they_take_from_the_cache
     assert moved.status_code == 200, moved.text
     assert added not in ids_near(lat, lon) and added in ids_near(*far)
     wait_for(served_from_cache, timeout=10, interval=0.05, what="the index copied again")
+    wait_for(lambda: detail_from_cache(added), timeout=10, interval=0.05, what="a detail")
     assert operator.delete(f"/v1/lots/{added}").status_code == 204
+    assert anonymous.get(f"/v1/lots/{added}").status_code == 404  # the very next detail
     assert added not in ids_near(*far)
