@@ -256,8 +256,8 @@ class AutoPipeline:
 
 def _send(conn: Any, data: bytes) -> None:
     """``conn.send_packed_command(data)``, straight to the socket of a connected ``conn``
-    with no health check due (redis-py's way, gevent's ``sendall``, asks the socket for its
-    send buffer's size each time: a tenth of a lot detail's wait on Redis)."""
+    with no health check due: redis-py's way, through gevent's ``sendall``, asks the socket
+    for its send buffer's size (a system call) at every write."""
     sock = conn._sock
     if sock is None or (conn.health_check_interval and time.monotonic() > conn.next_health_check):
         conn.send_packed_command([data])
