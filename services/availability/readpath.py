@@ -50,7 +50,6 @@ from services.availability.domain import (
     matches,
     parse_time,
     status_at,
-    status_of,
     usage,
 )
 from services.availability.geoindex import GeoIndex, positions
@@ -229,14 +228,19 @@ class _Lots:
         entry = self._get(lot_id)
         if entry is None or entry[0] != digest:
             return None
+        view = self._still(entry, counts, now)
+        return None if view is None else (entry[-2], view)
+
+    def _still(self, entry: Entry, counts: tuple[Any, ...], now: datetime) -> bytes | None:
+        """The view ``entry`` holds, if it was built for these (flat) reserved ``counts`` and
+        its status still holds ``now`` (opening hours and the data's age judged again)."""
         _, held, view, status, total, used = entry[:_PACKED]
         if not view or held != counts:
             return None
-        packed = entry[_PACKED:]
-        hours, timezone, updated_at = packed[6], packed[7], packed[-1]
+        hours, timezone, updated_at = entry[_PACKED + 6], entry[_PACKED + 7], entry[-1]
         if status_at(hours, timezone, updated_at, total, used, now, self.thresholds) != status:
             return None
-        return packed[-2], view
+        return view  # type: ignore[no-any-return]
 
     def held(self, lot_id: str, digest: bytes) -> tuple[LotData, Entry] | None:
         """The lot and the cache's entry for it, if that entry was built from the text of
@@ -269,18 +273,14 @@ class _Lots:
         entry, ``lot`` is the lot it holds."""
         if entry is None or self._young.get(lot.id) is not entry:  # not read here, or changed
             return dumps(lot_view(lot, counts, now, self.thresholds))
-        digest, held, view, status, total, used = entry[:_PACKED]
-        packed = entry[_PACKED:]
         now_held = _flat(counts)
-        if (
-            view
-            and held == now_held
-            and status_of(lot, total, used, now, self.thresholds) == status
-        ):
-            return view  # type: ignore[no-any-return]
+        view = self._still(entry, now_held, now)
+        if view is not None:
+            return view
         built = lot_view(lot, counts, now, self.thresholds)
         view = _kept(dumps(built))
         total, used = usage(lot, counts)
+        digest, packed = entry[0], entry[_PACKED:]
         self._young[lot.id] = (digest, now_held, view, built["status"], total, used, *packed)
         return view
 
