@@ -702,7 +702,7 @@ class ReadPath:
                 health_check_s=0,
             )
             pipeline = self._pipelines[id(client)] = AutoPipeline(
-                tracked, on_broken=self._vouched.forget_all
+                tracked, on_broken=self._vouched.forget_all, gather=True
             )
         return pipeline
 

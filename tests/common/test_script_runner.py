@@ -207,6 +207,93 @@ def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str)
     assert out == "send,first,send,second,send,third,fourth", out
 
 
+# Under gevent, three callers ready in the same turn of the event loop: with ``gather`` the
+# first yields before it sends, and one write carries all three.
+GEVENT_GATHER = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent
+from services.common import redis
+from services.common.redis import AutoPipeline, connect
+
+pipeline = AutoPipeline(connect(sys.argv[1], 5.0), gather=sys.argv[2] == "gather")
+log = []
+send = redis._send
+
+
+def logged(conn, data):
+    log.append("send")
+    send(conn, data)
+
+
+redis._send = logged
+
+
+def call(name):
+    pipeline(("PING",))
+    log.append(name)
+
+
+gevent.joinall([gevent.spawn(call, n) for n in ("first", "second", "third")], timeout=20)
+print(",".join(log))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("gather", "send,first,second,third"), ("alone", "send,first,send,second,third")],
+)
+def test_callers_ready_together_share_one_write_when_gathered(
+    redis_url: str, mode: str, expected: str
+) -> None:
+    """The read path's pipeline gathers: the callers a worker's turn of its event loop made
+    ready (requests read together) share the first write; without it the first goes alone."""
+    from tests.stack import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", GEVENT_GATHER, redis_url, mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    assert out == expected, out
+
+
+class Killed(BaseException):
+    """What gevent raises in a greenlet it kills (GreenletExit is a BaseException too)."""
+
+
+def test_a_caller_killed_while_it_gathers_hands_the_batch_on(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller that would send is killed while it yields for others to queue: the one that
+    queued behind it is chosen and sends, so nobody waits forever."""
+    from services.common import redis as module
+    from services.common.redis import _Call
+
+    pipeline = AutoPipeline(redis_client, gather=True)
+    behind = _Call([("ECHO", "behind")])
+
+    def killed_while_yielding(_seconds: float) -> None:
+        with pipeline._lock:
+            pipeline._queue.append(behind)  # a caller queues while the first yields
+        raise Killed
+
+    monkeypatch.setattr(module.time, "sleep", killed_while_yielding)
+    with pytest.raises(Killed):
+        pipeline(("ECHO", "first"))
+    monkeypatch.undo()
+
+    assert behind.lead and behind.done.is_set()
+    pipeline._send_queued()  # what the woken caller does
+    assert behind.result() == ["behind"]
+    assert pipeline(("ECHO", "after")) == ["after"]  # and the pipeline still serves callers
+    assert not pipeline._sending and not pipeline._queue
+
+
 def test_plain_commands_share_round_trips_and_fail_only_their_caller(
     redis_client: redis.Redis,
 ) -> None:
