@@ -147,9 +147,8 @@ def test_a_caller_gone_while_chosen_to_send_hands_the_batch_on(redis_client: red
     assert script(["c", runs], ["3"]) == ["c", "3"]  # and the runner still serves callers
 
 
-# Under gevent (the lean worker's), three callers in turn: the first sends alone; the second and
-# third queue behind it and go together; a fourth arrives while they are in flight.
-GEVENT_ORDER = """
+# Under gevent (the lean worker's), with every write to Redis logged as "send".
+GEVENT_LOGGED = """
 from gevent import monkey
 monkey.patch_all()
 import sys
@@ -157,7 +156,6 @@ import gevent
 from services.common import redis
 from services.common.redis import AutoPipeline, connect
 
-pipeline = AutoPipeline(connect(sys.argv[1], 5.0))
 log = []
 send = redis._send
 
@@ -168,7 +166,27 @@ def logged(conn, data):
 
 
 redis._send = logged
+"""
 
+
+def run_gevent(script: str, *args: str) -> str:
+    """What ``GEVENT_LOGGED`` + ``script`` prints, run in a process of its own."""
+    from tests.stack import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-c", GEVENT_LOGGED + script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+
+
+# Three callers in turn: the first sends alone; the second and
+# third queue behind it and go together; a fourth arrives while they are in flight.
+GEVENT_ORDER = """
+pipeline = AutoPipeline(connect(sys.argv[1], 5.0))
 
 callers = []
 
@@ -192,43 +210,16 @@ def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str)
     """Under gevent woken greenlets run in the order they were woken: the caller chosen to
     send the next batch is woken first, so Redis works on it while the finished batch's
     callers do their work (woken last, it waited for all of it)."""
-    from tests.stack import ROOT
-
-    out = subprocess.run(
-        [sys.executable, "-c", GEVENT_ORDER, redis_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+    out = run_gevent(GEVENT_ORDER, redis_url)
     # the second sends for the second and third; the fourth, queued meanwhile, is chosen
     # next and sends before the third (answered in the second's batch) resumes
     assert out == "send,first,send,second,send,third,fourth", out
 
 
-# Under gevent, three callers ready in the same turn of the event loop: with ``gather`` the
+# Three callers ready in the same turn of the event loop: with ``gather`` the
 # first yields before it sends, and one write carries all three.
 GEVENT_GATHER = """
-from gevent import monkey
-monkey.patch_all()
-import sys
-import gevent
-from services.common import redis
-from services.common.redis import AutoPipeline, connect
-
 pipeline = AutoPipeline(connect(sys.argv[1], 5.0), gather=sys.argv[2] == "gather")
-log = []
-send = redis._send
-
-
-def logged(conn, data):
-    log.append("send")
-    send(conn, data)
-
-
-redis._send = logged
-
 
 def call(name):
     pipeline(("PING",))
@@ -249,16 +240,7 @@ def test_callers_ready_together_share_one_write_when_gathered(
 ) -> None:
     """The read path's pipeline gathers: the callers a worker's turn of its event loop made
     ready (requests read together) share the first write; without it the first goes alone."""
-    from tests.stack import ROOT
-
-    out = subprocess.run(
-        [sys.executable, "-c", GEVENT_GATHER, redis_url, mode],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+    out = run_gevent(GEVENT_GATHER, redis_url, mode)
     assert out == expected, out
 
 
