@@ -72,10 +72,12 @@ class FastLots:
             observe_request(self.lean.service, "GET", FLOOR_PATH, 200, started)
             start_response("200 OK", [_JSON, ("Content-Length", "11"), (REQUEST_ID_HEADER, rid)])
             return [FLOOR_BODY]
-        try:
-            lot_id = str(uuid.UUID(path[len(PREFIX) :]))
-        except ValueError:
-            return self.wsgi_app(environ, start_response)
+        lot_id = path[len(PREFIX) :]
+        if not self.lookups.knows(lot_id):  # else canonical already
+            try:
+                lot_id = str(uuid.UUID(lot_id))
+            except ValueError:
+                return self.wsgi_app(environ, start_response)
         with logged_as(rid):
             try:
                 found = self.lookups.detail(lot_id, datetime.now(UTC))

@@ -367,6 +367,10 @@ class _Vouched:
         if self._geo_read is token:
             self.geo = index
 
+    def __contains__(self, lot_id: str) -> bool:
+        """Whether ``lot_id`` names a lot read on the tracked pipeline and not touched since."""
+        return lot_id in self._lots
+
     def get(self, lot_id: str, now_ms: float) -> tuple[Any, ...] | None:
         """(until, digest, *flat reserved counts) of a lot vouched for, or None."""
         held = self._lots.get(lot_id)
@@ -532,6 +536,11 @@ class ReadPath:
                     self._client = client
                     self._pid = os.getpid()
         return self._client
+
+    def knows(self, text: str) -> bool:
+        """Whether ``text`` is the id of a lot vouched for, so a lot id as ids are written
+        (its UUID's canonical form): what a client polling a lot sends, taken without parsing."""
+        return text in self._vouched
 
     def usable_redis(self) -> redis.Redis | None:
         """The client, or None while the breaker holds Redis for down."""

@@ -106,3 +106,30 @@ def test_anything_else_reaches_the_route(apps: tuple[Client, Client, Counting], 
     assert counting.calls == before + 1, query
     assert got == answer(flask, url)
     assert got[0] in (200, 422), got
+
+
+def test_lot_detail_answers_an_id_however_its_uuid_is_written(
+    apps: tuple[Client, Client, Counting],
+    conn: psycopg.Connection[Any],
+    redis_client: redis.Redis,
+    operator_id: str,
+    lookups: ReadPath,
+) -> None:
+    """A lot read before is found by its id taken as written, without parsing it; the same lot
+    named otherwise (upper case, braces, a URN) is still found, by its UUID."""
+    fast, flask, counting = apps
+    lat, lon = facts.somewhere()
+    lot_id = facts.lot(
+        conn, operator_id, lat=lat, lon=lon, capacity={"standard": 10}, client=redis_client
+    )
+    facts.set_occupied(conn, redis_client, lot_id, {"standard": 4})
+    expected = answer(flask, f"/v1/lots/{lot_id}")
+    assert expected[0] == 200 and expected[2]["id"] == lot_id
+    for _ in range(2):  # read, then vouched for
+        assert answer(fast, f"/v1/lots/{lot_id}") == expected
+    assert lookups.knows(lot_id)
+    for written in (lot_id.upper(), "{" + lot_id + "}", "urn:uuid:" + lot_id):
+        assert not lookups.knows(written)
+        before = counting.calls
+        assert answer(fast, f"/v1/lots/{written}") == expected, written
+        assert counting.calls == before, written  # the fast path answered
