@@ -4,7 +4,6 @@ status line."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,7 @@ from flask import Flask
 from werkzeug.http import HTTP_STATUS_CODES
 
 from services.common import logs
-from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER
+from services.common.app import _REQUEST_ID_OK, REQUEST_ID_HEADER, new_request_id
 from services.common.metrics import observe_request
 
 StartResponse = Callable[..., Any]
@@ -23,7 +22,7 @@ Answer = tuple[int, list[tuple[str, str]], bytes]
 def request_id(environ: dict[str, Any]) -> str:
     """The caller's X-Request-ID if sane, else a new one (as the Flask hook does)."""
     rid = environ.get("HTTP_X_REQUEST_ID", "")
-    return rid if _REQUEST_ID_OK.match(rid) else uuid.uuid4().hex
+    return rid if _REQUEST_ID_OK.match(rid) else new_request_id()
 
 
 def app_error(app: Flask, environ: dict[str, Any], exc: Exception) -> Answer:

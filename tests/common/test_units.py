@@ -174,3 +174,28 @@ def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None
     assert proxy(["10.0.0.0/8"])._client_address(env) == "203.0.113.9"
     assert proxy(["10.0.0.0/8", "203.0.113.9"])._client_address(env) == "198.51.100.1"
     assert proxy(["192.168.0.0/16"])._client_address(env) == "10.0.0.5"
+
+
+def test_request_ids_are_fresh_in_every_forked_worker() -> None:
+    """Request ids come from the process's generator: 32 hex digits, and a worker forked from a
+    master draws its own (the generator is reseeded at fork), never the master's or a sibling's."""
+    import os
+
+    from services.common.app import _REQUEST_ID_OK, new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 and _REQUEST_ID_OK.match(i) for i in ids)
+    drawn = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a worker: its first id, to the parent
+            os.write(write, new_request_id().encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            drawn.append(f.read())
+        os.waitpid(pid, 0)
+    drawn.append(new_request_id())  # and the master's next
+    assert len(set(drawn)) == 3, drawn
