@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import redis
@@ -80,3 +81,46 @@ def test_concurrent_callers_share_leases_exactly(redis_client: redis.Redis) -> N
     for t in threads:
         t.join(60)
     assert len(counts) == 8 and sum(counts) == 300  # 1000 tries, exactly the limit admitted
+
+
+def test_callers_that_find_the_lease_refilling_wait_for_that_refill(
+    redis_client: redis.Redis,
+) -> None:
+    """A busy subject's lease runs out with 16 requests in flight: one asks Redis for the next
+    lease while the 15 others wait for it, then spend it; one round trip, not 16."""
+    limiter = RateLimiter({"lookups": (100_000, 1.0), "default": (10, 1.0)})
+    subject = f"ip:{uuid.uuid4()}"
+    assert _admitted([limiter], redis_client, subject, 1) == 1
+    lease = next(iter(limiter._leases.values()))
+    lease.size, lease.tokens = 32, 0  # a busy subject's lease, just spent
+    assert limiter._script is not None
+    script = limiter._script[1]
+    calls = []
+
+    def held_until_the_others_wait(**kwargs: object) -> object:
+        calls.append(kwargs)
+        if len(calls) == 1:  # the first refill is in flight until the others wait for it
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                refill = lease.refill
+                if refill is not None and len(refill._cond._waiters) == 15:  # type: ignore[attr-defined]
+                    break
+                time.sleep(0.001)
+        return script(**kwargs)
+
+    limiter._script = (redis_client, held_until_the_others_wait)
+    admitted: list[int] = []
+    start = threading.Barrier(16, timeout=30)
+
+    def caller() -> None:
+        start.wait()
+        admitted.append(_admitted([limiter], redis_client, subject, 1))
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(admitted) == 16
+    assert len(calls) == 1, len(calls)
+    assert lease.refill is None and lease.pending == 0
