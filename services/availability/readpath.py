@@ -45,6 +45,7 @@ from services.availability.domain import (
     LotData,
     Thresholds,
     bounding_box,
+    free_spaces,
     haversine_m,
     lot_view,
     matches,
@@ -107,12 +108,16 @@ def _hash(reply: Any) -> dict[str, str]:
 
 
 # A search source fetches the ``k`` nearest candidates (from ``min_d`` metres on, where it can),
-# evaluates new ones into ``seen`` (id -> (exact distance, lot, reserved counts)) and returns
-# the frontier: how near (approximately, within GEO_MARGIN_M) the nearest candidate it has not
-# evaluated may be, ``math.inf`` when it evaluated every candidate within the radius. With
-# ``page`` > 0 it may leave unevaluated candidates beyond the ``page``-th nearest that cannot
-# come before it (a search reads its page and not the whole fetch when every lot matches).
-Seen = dict[str, tuple[float, LotData, dict[str, int], "Entry | None"]]
+# evaluates new ones into ``seen`` (id -> (exact distance, whether it matches the query, and
+# either its view, when the lot cache holds it, or the lot, its reserved counts and its cache
+# entry, to build it from)) and returns the frontier: how near (approximately, within
+# GEO_MARGIN_M) the nearest candidate it has not evaluated may be, ``math.inf`` when it
+# evaluated every candidate within the radius. With ``page`` > 0 it may leave unevaluated
+# candidates beyond the ``page``-th nearest that cannot come before it (a search reads its page
+# and not the whole fetch when every lot matches).
+Seen = dict[
+    str, tuple[float, bool, bytes | None, LotData | None, dict[str, int] | None, "Entry | None"]
+]
 Source = Callable[[int, float, Seen, int], float]
 
 
@@ -188,9 +193,10 @@ class _Lots:
     entries at each new one (freeing tens of thousands at once paused the worker for tens of
     milliseconds)."""
 
-    # an entry: (digest of the text, reserved counts, view JSON, status, total, used, *packed
-    # lot), the dicts among them flattened (see _flat) and the tariff as its JSON (see _pack);
-    # the counts, view, status and usage empty until the lot's view is built
+    # an entry: (digest of the text, reserved counts, view JSON, status, total, used, free per
+    # type, *packed lot), the dicts among them flattened (see _flat) and the tariff as its JSON
+    # (see _pack); the counts, view, status, usage and free spaces empty until the lot's view
+    # is built
     def __init__(self, size: int, thresholds: Thresholds) -> None:
         self.half = max(1, size // 2)
         self.thresholds = thresholds
@@ -234,13 +240,39 @@ class _Lots:
     def _still(self, entry: Entry, counts: tuple[Any, ...], now: datetime) -> bytes | None:
         """The view ``entry`` holds, if it was built for these (flat) reserved ``counts`` and
         its status still holds ``now`` (opening hours and the data's age judged again)."""
-        _, held, view, status, total, used = entry[:_PACKED]
+        _, held, view, status, total, used, _ = entry[:_PACKED]
         if not view or held != counts:
             return None
         hours, timezone, updated_at = entry[_PACKED + 6], entry[_PACKED + 7], entry[-1]
         if status_at(hours, timezone, updated_at, total, used, now, self.thresholds) != status:
             return None
         return view  # type: ignore[no-any-return]
+
+    def evaluated(
+        self,
+        lot_id: str,
+        digest: bytes,
+        counts: tuple[Any, ...],
+        now: datetime,
+        space_type: str | None,
+        min_free: int,
+    ) -> tuple[float, float, bool, bytes] | None:
+        """What a search needs of the lot built from the text of ``digest`` whose view built
+        last holds for these (flat) reserved ``counts`` (as ``held_view``), without unpacking
+        it (most of a search's CPU when every lot was unpacked): its position, whether it
+        answers ``matches(lot, counts, space_type, min_free, now)``, and its view. None when
+        that view does not hold (then ``held`` and ``view``)."""
+        entry = self._get(lot_id)
+        if entry is None or entry[0] != digest:
+            return None
+        view = self._still(entry, counts, now)
+        if view is None:
+            return None
+        # the status it holds is the lot's now: "closed" exactly when it is not open
+        ok = min_free <= 0 or (
+            _free(entry[_PACKED - 1], space_type) >= min_free and entry[3] != "closed"
+        )
+        return entry[_PACKED + 2], entry[_PACKED + 3], ok, view
 
     def held(self, lot_id: str, digest: bytes) -> tuple[LotData, Entry] | None:
         """The lot and the cache's entry for it, if that entry was built from the text of
@@ -260,7 +292,7 @@ class _Lots:
         if entry is not None and entry[0] == digest:
             return _unpack(entry[_PACKED:]), entry
         lot = lot_from_redis(lot_id, orjson.loads(meta_json), _hash(state))
-        entry = (digest, (), b"", "", 0, 0, *_pack(lot))
+        entry = (digest, (), b"", "", 0, 0, (), *_pack(lot))
         self._put(lot_id, entry)
         return lot, entry
 
@@ -280,8 +312,9 @@ class _Lots:
         built = lot_view(lot, counts, now, self.thresholds)
         view = _kept(dumps(built))
         total, used = usage(lot, counts)
+        free = _flat({t: free_spaces(lot, counts, t) for t in lot.capacity})
         digest, packed = entry[0], entry[_PACKED:]
-        self._young[lot.id] = (digest, now_held, view, built["status"], total, used, *packed)
+        self._young[lot.id] = (digest, now_held, view, built["status"], total, used, free, *packed)
         return view
 
 
@@ -291,7 +324,18 @@ def _kept(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-_PACKED = 6  # an entry's fields before its packed lot's
+_PACKED = 7  # an entry's fields before its packed lot's
+
+
+def _free(flat: tuple[Any, ...], space_type: str | None) -> int:
+    """Free spaces of ``space_type`` (of every type if None) from an entry's flat free counts,
+    as ``free_spaces`` counts them."""
+    if space_type is None:
+        return sum(flat[1::2])
+    for t, n in zip(flat[::2], flat[1::2], strict=True):
+        if t == space_type:
+            return n  # type: ignore[no-any-return]
+    return 0
 
 
 def _flat(mapping: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -808,10 +852,8 @@ class ReadPath:
             page = 0  # a filter left the page short: later fetches evaluate all they fetch
             found = sorted(
                 (d, i)
-                for i, (d, lot, held, _) in seen.items()
-                if d <= query.radius_m
-                and (after is None or (d, i) > after)
-                and matches(lot, held, query.space_type, query.min_free, now)
+                for i, (d, ok, *_) in seen.items()
+                if ok and d <= query.radius_m and (after is None or (d, i) > after)
             )
             if frontier == math.inf:
                 break  # every candidate within the radius is evaluated
@@ -820,8 +862,11 @@ class ReadPath:
             k *= 4
         items = []
         for d, i in found[: query.limit]:
-            _, lot, held, entry = seen[i]
-            view = self._lots.view(lot, held, now, entry)  # and its distance, as the last field
+            _, _, view, lot, held, entry = seen[i]
+            if view is None:
+                assert lot is not None and held is not None
+                view = self._lots.view(lot, held, now, entry)
+            # and its distance, as the last field
             distance = b',"distance_m":' + orjson.dumps(round(d, 1)) + b"}"
             items.append(orjson.Fragment(view[:-1] + distance))
         next_after = found[query.limit - 1] if len(found) > query.limit else None
@@ -851,13 +896,26 @@ class ReadPath:
                 if later:
                     frontier = later[0]
                     near = near[: len(near) - len(later)]
-            new = [m for m, _ in near if m not in seen]
-            for lot_id, found in zip(new, self._read_vouched(client, new, now), strict=True):
+            unheld = []
+            now_ms = time.time() * 1000.0
+            for lot_id in (m for m, _ in near if m not in seen):
+                vouched = self._vouched.get(lot_id, now_ms)
+                held = None if vouched is None else self._lots.evaluated(
+                    lot_id, vouched[1], vouched[2:], now, query.space_type, query.min_free
+                )  # fmt: skip
+                if held is None:
+                    unheld.append(lot_id)
+                    continue
+                lat, lon, ok, view = held
+                d = haversine_m(query.lat, query.lon, lat, lon)
+                seen[lot_id] = (d, ok, view, None, None, None)
+            for lot_id, found in zip(unheld, self._read_vouched(client, unheld, now), strict=True):
                 if found is None:
                     raise CacheIncomplete(f"lot {lot_id} is in the geo index only")
                 lot, counts, entry = found
                 d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
-                seen[lot_id] = (d, lot, counts, entry)
+                ok = matches(lot, counts, query.space_type, query.min_free, now)
+                seen[lot_id] = (d, ok, None, lot, counts, entry)
             return frontier
 
         return source
@@ -960,7 +1018,8 @@ class ReadPath:
                 d = haversine_m(query.lat, query.lon, lot.lat, lot.lon)
                 distances.append(d)
                 if lot.id not in seen:
-                    seen[lot.id] = (d, lot, held[lot.id], None)
+                    ok = matches(lot, held[lot.id], query.space_type, query.min_free, now)
+                    seen[lot.id] = (d, ok, None, lot, held[lot.id], None)
             return distances[-1] if len(rows) >= k else math.inf
 
         return source

@@ -13,13 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from orjson import loads
 
-from services.availability.domain import Thresholds, lot_view
+from services.availability.domain import Thresholds, lot_view, matches
 from services.availability.readpath import _flat, _Lots, _Vouched, lot_from_redis
 from services.common.app import dumps
 
 THRESHOLDS = Thresholds(unknown_after_s=600.0, almost_full_ratio=0.9)
 START = datetime(2026, 12, 2, 7, 0, tzinfo=UTC)
 IDS = ("11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222")
+# (space type, minimum free) of nearby searches
+SEARCHES = [(t, n) for t in (None, "standard", "ev", "accessible") for n in (0, 1, 2, 5, 9)]
 
 
 def meta_json(name: str, hours: str) -> str:
@@ -80,6 +82,12 @@ def test_cached_lots_and_views_are_what_building_afresh_gives(reads: list[Any], 
         assert held is None or held == (fresh.version, expected)
         assert lots.view(lot, dict(counts), now, given_entry) == expected
         assert lots.view(lot, dict(counts), now, None) == expected  # a lot not read here
+        # what a search takes of a lot whose view holds: as matches and a fresh view answer
+        for space_type, min_free in SEARCHES:
+            got = lots.evaluated(lot_id, entry[0], _flat(dict(counts)), now, space_type, min_free)
+            if got is not None:
+                ok = matches(fresh, counts, space_type, min_free, now)
+                assert got == (fresh.lat, fresh.lon, ok, expected), (space_type, min_free)
         entries[lot_id] = entry
 
 
@@ -106,6 +114,37 @@ def test_the_same_text_gives_the_same_objects_and_a_change_new_ones() -> None:
     moved, entry = lots.lot(IDS[0], meta, state(2, 5, START))
     assert moved.occupied["standard"] == 5
     assert loads(lots.view(moved, {}, START, entry))["free"]["standard"] == 5
+
+
+def test_a_search_takes_a_held_view_without_unpacking_the_lot() -> None:
+    """Free spaces per type and opening hours judged from the entry, as ``matches`` judges
+    the lot; None once the view no longer holds (other counts, the data too old)."""
+    lots = _Lots(1000, THRESHOLDS)
+    meta, live = meta_json("north", "08:00-20:00"), state(1, 4, START)  # 15:00 there: open
+    lot, entry = lots.lot(IDS[0], meta, live)
+    assert lots.evaluated(IDS[0], entry[0], (), START, None, 1) is None  # no view built yet
+    view = lots.view(lot, {"ev": 1}, START, entry)  # free: standard 6, ev 0
+    _, entry = lots.lot(IDS[0], meta, live)
+    held = ("ev", 1)
+    assert lots.evaluated(IDS[0], entry[0], held, START, None, 6) == (30.2, 120.1, True, view)
+    assert lots.evaluated(IDS[0], entry[0], held, START, None, 7)[2] is False  # type: ignore[index]
+    assert lots.evaluated(IDS[0], entry[0], held, START, "ev", 1)[2] is False  # type: ignore[index]
+    assert lots.evaluated(IDS[0], entry[0], held, START, "ev", 0)[2] is True  # type: ignore[index]
+    assert lots.evaluated(IDS[0], entry[0], held, START, "accessible", 1)[2] is False  # type: ignore[index]
+    stale = START + timedelta(seconds=601)  # no data for too long: unknown, not the view built
+    assert lots.evaluated(IDS[0], entry[0], held, stale, None, 1) is None
+    night = START + timedelta(hours=7)  # 22:00 in Shanghai: closed, the data still fresh
+    live_night = state(1, 4, night)
+    lot, entry = lots.lot(IDS[0], meta, live_night)
+    view = lots.view(lot, {}, night, entry)
+    assert loads(view)["status"] == "closed"
+    _, entry = lots.lot(IDS[0], meta, live_night)
+    assert lots.evaluated(IDS[0], entry[0], (), night, "standard", 1) == (30.2, 120.1, False, view)
+    assert lots.evaluated(IDS[0], entry[0], (), night, "standard", 0)[2] is True  # type: ignore[index]
+    assert lots.evaluated(IDS[0], entry[0], ("standard", 1), night, None, 1) is None  # other counts
+    later = night + timedelta(hours=11)  # open again, and the data too old: unknown
+    assert lots.evaluated(IDS[0], entry[0], (), later, None, 1) is None
+    assert lots.evaluated(IDS[1], entry[0], (), night, None, 1) is None  # another lot
 
 
 def test_it_keeps_about_its_size_and_the_lots_read_lately() -> None:
