@@ -582,8 +582,9 @@ class ReadPath:
         return self._client
 
     def knows(self, text: str) -> bool:
-        """Whether ``text`` is the id of a lot vouched for, so a lot id as ids are written
-        (its UUID's canonical form): what a client polling a lot sends, taken without parsing."""
+        """Whether ``text`` is the id of a lot this process vouches for (or is reading), so an
+        id in the canonical form ids are kept in, as clients polling a lot send it: taken as it
+        is, without parsing it as a UUID."""
         return text in self._vouched
 
     def usable_redis(self) -> redis.Redis | None:
