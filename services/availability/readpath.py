@@ -225,14 +225,19 @@ class _Lots:
         entry = self._young.get(lot_id) or self._old.get(lot_id)
         return entry is not None and entry[0] == digest
 
+    def _entry(self, lot_id: str, digest: bytes) -> Entry | None:
+        """The cache's entry for the lot, if it was built from the text of ``digest``."""
+        entry = self._get(lot_id)
+        return entry if entry is not None and entry[0] == digest else None
+
     def held_view(
         self, lot_id: str, digest: bytes, counts: tuple[Any, ...], now: datetime
     ) -> tuple[int, bytes] | None:
         """(version, view JSON) of the lot built from the text of ``digest``, when the view
         built last is for these (flat) reserved ``counts`` and its status still holds; else
         None (then ``held`` and ``view`` build it)."""
-        entry = self._get(lot_id)
-        if entry is None or entry[0] != digest:
+        entry = self._entry(lot_id, digest)
+        if entry is None:
             return None
         view = self._still(entry, counts, now)
         return None if view is None else (entry[-2], view)
@@ -262,8 +267,8 @@ class _Lots:
         it (most of a search's CPU when every lot was unpacked): its position, whether it
         answers ``matches(lot, counts, space_type, min_free, now)``, and its view. None when
         that view does not hold (then ``held`` and ``view``)."""
-        entry = self._get(lot_id)
-        if entry is None or entry[0] != digest:
+        entry = self._entry(lot_id, digest)
+        if entry is None:
             return None
         view = self._still(entry, counts, now)
         if view is None:
@@ -277,10 +282,8 @@ class _Lots:
     def held(self, lot_id: str, digest: bytes) -> tuple[LotData, Entry] | None:
         """The lot and the cache's entry for it, if that entry was built from the text of
         ``digest``."""
-        entry = self._get(lot_id)
-        if entry is None or entry[0] != digest:
-            return None
-        return _unpack(entry[_PACKED:]), entry
+        entry = self._entry(lot_id, digest)
+        return None if entry is None else (_unpack(entry[_PACKED:]), entry)
 
     def lot(self, lot_id: str, meta_json: str, state: Any) -> tuple[LotData, Entry]:
         """The lot of its ``lotmeta:`` JSON and its ``lot:`` hash (as HGETALL answers it), and
