@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint fmt install bench-ingest bench-availability bench-reservations bench-gateway bench-footprint k8s-check clean
+.PHONY: up test lint fmt install bench-ingest bench-ingest-sql bench-availability bench-reservations bench-gateway bench-footprint k8s-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ clean:
 # Benchmarks: each starts its own stack on 127.0.0.1, runs for a bounded time, prints a ratio.
 bench-ingest: $(STAMP)
 	$(BIN)/python -m loadtests.bench_ingest
+
+bench-ingest-sql: $(STAMP)
+	$(BIN)/python -m loadtests.bench_ingest_sql
 
 bench-availability: $(STAMP)
 	$(BIN)/python -m loadtests.bench_availability

@@ -26,6 +26,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,9 +56,19 @@ class Lots:
             return self
         return Lots(self.spaces[n::of], self.gates[n::of])
 
+    def add(self, lot_id: str, space_ids: list[str]) -> None:
+        """A lot just registered: one of space sensors if it has ``space_ids``, else of gates."""
+        if space_ids:
+            self.spaces.append((lot_id, space_ids))
+        else:
+            self.gates.append(lot_id)
 
-def register_lots(operator: Client, n_space_lots: int, spaces_per_lot: int) -> Lots:
-    lots = Lots()
+
+def lot_bodies(
+    n_space_lots: int, spaces_per_lot: int
+) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """The benchmark's lots as API bodies, each with its space ids: ``n_space_lots`` lots of
+    ``spaces_per_lot`` sensors, then a quarter as many lots counted at their gates (no ids)."""
     for i in range(n_space_lots):
         ids = [f"S{j:04d}" for j in range(spaces_per_lot)]
         body = {
@@ -69,9 +80,7 @@ def register_lots(operator: Client, n_space_lots: int, spaces_per_lot: int) -> L
             ],
             "tariff": TARIFF,
         }
-        resp = operator.post("/v1/lots", json=body)
-        assert resp.status_code == 201, resp.text
-        lots.spaces.append((resp.json()["id"], ids))
+        yield body, ids
     for i in range(max(1, n_space_lots // 4)):
         body = {
             "name": f"Bench gate lot {i}",
@@ -80,9 +89,15 @@ def register_lots(operator: Client, n_space_lots: int, spaces_per_lot: int) -> L
             "capacity": {"standard": 2000, "ev": 100},
             "tariff": TARIFF,
         }
+        yield body, []
+
+
+def register_lots(operator: Client, n_space_lots: int, spaces_per_lot: int) -> Lots:
+    lots = Lots()
+    for body, ids in lot_bodies(n_space_lots, spaces_per_lot):
         resp = operator.post("/v1/lots", json=body)
         assert resp.status_code == 201, resp.text
-        lots.gates.append(resp.json()["id"])
+        lots.add(resp.json()["id"], ids)
     return lots
 
 
@@ -183,6 +198,25 @@ def push(
         conn.close()
 
 
+def copy_events(
+    conn: psycopg.Connection[Any], operator_id: str, events: list[dict[str, Any]]
+) -> None:
+    """Copy ``events`` as they are into the event table, in one transaction: the baseline."""
+    with (
+        conn.transaction(),
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY events (operator_id, event_id, lot_id, type, space_id, space_type,"
+            " occupied, observed_at) FROM STDIN"
+        ) as copy,
+    ):
+        for e in events:
+            copy.write_row(
+                (operator_id, e["id"], e["lot_id"], e["type"], e.get("space_id"),
+                 e.get("space_type"), e.get("occupied"), e["observed_at"])
+            )  # fmt: skip
+
+
 def copy_baseline(
     database_url: str,
     operator_id: str,
@@ -207,19 +241,7 @@ def copy_baseline(
             done = 0
             while done < per_client:
                 events = sources[c].batch(min(batch, per_client - done))
-                with (
-                    conn.transaction(),
-                    conn.cursor() as cur,
-                    cur.copy(
-                        "COPY events (operator_id, event_id, lot_id, type, space_id, space_type,"
-                        " occupied, observed_at) FROM STDIN"
-                    ) as copy,
-                ):
-                    for e in events:
-                        copy.write_row(
-                            (operator_id, e["id"], e["lot_id"], e["type"], e.get("space_id"),
-                             e.get("space_type"), e.get("occupied"), e["observed_at"])
-                        )  # fmt: skip
+                copy_events(conn, operator_id, events)
                 done += len(events)
             copied[c] = done
 
