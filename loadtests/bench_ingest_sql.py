@@ -5,11 +5,11 @@ generator and PostgreSQL share two cores. This one isolates PostgreSQL's part. O
 applies batches of BENCH_BATCH (500) of bench-ingest's events with the service's own
 ``intake.ingest`` (validated as the service validates them, plates hashed), then copies as many
 such events into the event table with COPY, alternating, in BENCH_ROUNDS (4) rounds of
-BENCH_BATCHES (200) batches each. It reads the server process' CPU time from /proc, so the
-server must run on this machine (the embedded one, or BENCH_DATABASE_URL on 127.0.0.1), and
-prints per batch the server's and the client's CPU and the wall time, and the ratio of COPY's
-server CPU per event to the intake's: a figure that a change to the SQL moves by a few per cent
-measurably, where bench-ingest's rounds spread by ten.
+BENCH_BATCHES (200) batches each, after a round of each to warm up. It reads the server
+process' CPU time from /proc, so the server must run on this machine (the embedded one, or
+BENCH_DATABASE_URL on 127.0.0.1), and prints per batch the server's and the client's CPU and the
+wall time, and the ratio of COPY's server CPU per event to the intake's: its rounds agree within
+a few per cent, where bench-ingest's spread by ten or more, so a change to the SQL shows in it.
 
 Environment: BENCH_ROUNDS, BENCH_BATCHES, BENCH_BATCH, BENCH_LOTS (100 space lots of 200
 spaces, plus a quarter as many gate lots), BENCH_DATABASE_URL.
@@ -21,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,7 +60,12 @@ class Phase:
         return round(total / max(1, self.batches) * 1e3, 2)
 
 
-def measured(conn: psycopg.Connection[Any], apply: Any, batches: list[Any]) -> Phase:
+Batch = list[dict[str, Any]]
+
+
+def measured(
+    conn: psycopg.Connection[Any], apply: Callable[[Batch], None], batches: list[Batch]
+) -> Phase:
     """Apply each of ``batches`` on ``conn``; the CPU its server process and this one spent."""
     pid = int(conn.info.backend_pid)
     server = process_cpu([pid])[pid]
@@ -73,6 +79,12 @@ def measured(conn: psycopg.Connection[Any], apply: Any, batches: list[Any]) -> P
         wall_s=time.perf_counter() - started,
         batches=len(batches),
     )
+
+
+def validated(body: bytes, size: int) -> Batch:
+    events = validate_batch_json(body, size)
+    assert events is not None, "bench-ingest's events are valid"
+    return events
 
 
 def register(conn: psycopg.Connection[Any], operator_id: str, n_space_lots: int) -> Lots:
@@ -96,7 +108,7 @@ def run(database_url: str) -> dict[str, Any]:
     with psycopg.connect(database_url) as conn, psycopg.connect(database_url) as copy_conn:
         horizon = datetime.now(UTC) + timedelta(days=1)
 
-        def ingest(events: list[dict[str, Any]]) -> None:
+        def ingest(events: Batch) -> None:
             outcome = intake.Outcome()
             intake.ingest(
                 conn, operator_id=operator_id, events=events, index=None, plate_key=PLATE_KEY,
@@ -108,7 +120,7 @@ def run(database_url: str) -> dict[str, Any]:
             hub = r % HUBS
             source = EventSource(lots.share(hub, HUBS), f"r{r}", r)
             batches = [
-                validate_batch_json(orjson.dumps({"events": source.batch(size)}), size)
+                validated(orjson.dumps({"events": source.batch(size)}), size)
                 for _ in range(n_batches)
             ]
             push = measured(conn, ingest, batches)
