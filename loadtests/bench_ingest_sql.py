@@ -31,13 +31,11 @@ import orjson
 import psycopg
 
 from loadtests.bench_ingest import EventSource, Lots, copy_events, lot_bodies, process_cpu
-from loadtests.harness import report
-from services.common import devstack
+from loadtests.harness import bench_database, report
 from services.common.lots import LotIn
 from services.common.principals import create_operator
 from services.ingestion import intake, registry
 from services.ingestion.schemas import validate_batch_json
-from tests.stack import create_database, drop_database
 
 PLATE_KEY = "bench-plate-key-" * 2
 HUBS = 8  # bench-ingest's clients: each batch brings the events of one hub's lots
@@ -154,18 +152,11 @@ def run(database_url: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="parking-bench-") as tmp:
-        server_url = os.environ.get("BENCH_DATABASE_URL")
-        handles: list[Any] = []
-        if not server_url:
-            server_url, pg = devstack.start_postgres(Path(tmp) / "postgresql", database="postgres")
-            handles.append(pg)
-        database_url = create_database(server_url)
-        try:
-            figures = run(database_url)
-        finally:
-            drop_database(server_url, database_url)
-            devstack.Servers(server_url, "", handles).stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="parking-bench-") as tmp,
+        bench_database(Path(tmp)) as database_url,
+    ):
+        figures = run(database_url)
     report("bench-ingest-sql: PostgreSQL's CPU for ingest_events vs COPY, one connection", figures)
 
 

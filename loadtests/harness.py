@@ -19,20 +19,37 @@ from tests.stack import Client, Stack, create_database, drop_database
 
 
 @contextmanager
+def bench_database(base: Path) -> Iterator[str]:
+    """A fresh, migrated database, on an embedded PostgreSQL in ``base`` unless
+    BENCH_DATABASE_URL names a server; dropped, and the embedded server stopped, at the end."""
+    handles: list[Any] = []
+    pg_url = os.environ.get("BENCH_DATABASE_URL")
+    if not pg_url:
+        pg_url, pg = devstack.start_postgres(base / "postgresql", database="postgres")
+        handles.append(pg)
+    try:
+        db_url = create_database(pg_url)
+        try:
+            yield db_url
+        finally:
+            drop_database(pg_url, db_url)
+    finally:
+        devstack.Servers(pg_url, "", handles).stop()
+
+
+@contextmanager
 def bench_stack(names: tuple[str, ...] | None = None, **env: str) -> Iterator[tuple[Stack, Client]]:
     """A running stack (all processes unless ``names``) and an admin client."""
-    with tempfile.TemporaryDirectory(prefix="parking-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="parking-bench-") as tmp,
+        bench_database(Path(tmp)) as db_url,
+    ):
         base = Path(tmp)
         handles: list[Any] = []
-        pg_url = os.environ.get("BENCH_DATABASE_URL")
-        if not pg_url:
-            pg_url, pg = devstack.start_postgres(base / "postgresql", database="postgres")
-            handles.append(pg)
         redis_url = os.environ.get("BENCH_REDIS_URL")
         if not redis_url:
             redis_url, rs = devstack.start_redis(base / "redis")
             handles.append(rs)
-        db_url = create_database(pg_url)
         stack = Stack(db_url, redis_url, base / "stack", env_overrides=env)
         if names:
             stack.names = names
@@ -41,8 +58,7 @@ def bench_stack(names: tuple[str, ...] | None = None, **env: str) -> Iterator[tu
             yield stack, Client(stack.url, stack.admin_key)
         finally:
             stack.stop()
-            drop_database(pg_url, db_url)
-            devstack.Servers(pg_url, redis_url, handles).stop()
+            devstack.Servers(db_url, redis_url, handles).stop()
 
 
 def percentile(values: list[float], p: float) -> float:
