@@ -8,8 +8,9 @@ such events into the event table with COPY, alternating, in BENCH_ROUNDS (4) rou
 BENCH_BATCHES (200) batches each, after a round of each to warm up. It reads the server
 process' CPU time from /proc, so the server must run on this machine (the embedded one, or
 BENCH_DATABASE_URL on 127.0.0.1), and prints per batch the server's and the client's CPU and the
-wall time, and the ratio of COPY's server CPU per event to the intake's: its rounds agree within
-a few per cent, where bench-ingest's spread by ten or more, so a change to the SQL shows in it.
+wall time, the write-ahead log written per event, and the ratio of COPY's server CPU per event to
+the intake's: its rounds agree within a few per cent, where bench-ingest's spread by ten or more,
+so a change to the SQL shows in it.
 
 Environment: BENCH_ROUNDS, BENCH_BATCHES, BENCH_BATCH, BENCH_LOTS (100 space lots of 200
 spaces, plus a quarter as many gate lots), BENCH_DATABASE_URL.
@@ -46,12 +47,14 @@ class Phase:
     server_s: float = 0.0
     client_s: float = 0.0
     wall_s: float = 0.0
+    wal_bytes: int = 0
     batches: int = 0
 
     def add(self, other: Phase) -> None:
         self.server_s += other.server_s
         self.client_s += other.client_s
         self.wall_s += other.wall_s
+        self.wal_bytes += other.wal_bytes
         self.batches += other.batches
 
     def per_batch_ms(self, total: float) -> float:
@@ -62,10 +65,15 @@ Batch = list[dict[str, Any]]
 
 
 def measured(
-    conn: psycopg.Connection[Any], apply: Callable[[Batch], None], batches: list[Batch]
+    conn: psycopg.Connection[Any],
+    apply: Callable[[Batch], None],
+    batches: list[Batch],
+    monitor: psycopg.Connection[Any],
 ) -> Phase:
-    """Apply each of ``batches`` on ``conn``; the CPU its server process and this one spent."""
+    """Apply each of ``batches`` on ``conn``; the CPU its server process and this one spent,
+    and the write-ahead log the server wrote meanwhile (read on ``monitor``, in autocommit)."""
     pid = int(conn.info.backend_pid)
+    wal = _wal_position(monitor)
     server = process_cpu([pid])[pid]
     client = time.process_time()
     started = time.perf_counter()
@@ -75,8 +83,15 @@ def measured(
         server_s=process_cpu([pid])[pid] - server,
         client_s=time.process_time() - client,
         wall_s=time.perf_counter() - started,
+        wal_bytes=_wal_position(monitor) - wal,
         batches=len(batches),
     )
+
+
+def _wal_position(monitor: psycopg.Connection[Any]) -> int:
+    row = monitor.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def validated(body: bytes, size: int) -> Batch:
@@ -103,7 +118,11 @@ def run(database_url: str) -> dict[str, Any]:
         lots = register(conn, operator_id, int(os.environ.get("BENCH_LOTS", 100)))
     pushed, copied = Phase(), Phase()
     ratios: list[float] = []
-    with psycopg.connect(database_url) as conn, psycopg.connect(database_url) as copy_conn:
+    with (
+        psycopg.connect(database_url) as conn,
+        psycopg.connect(database_url) as copy_conn,
+        psycopg.connect(database_url, autocommit=True) as monitor,
+    ):
         horizon = datetime.now(UTC) + timedelta(days=1)
 
         def ingest(events: Batch) -> None:
@@ -121,11 +140,14 @@ def run(database_url: str) -> dict[str, Any]:
                 validated(orjson.dumps({"events": source.batch(size)}), size)
                 for _ in range(n_batches)
             ]
-            push = measured(conn, ingest, batches)
+            push = measured(conn, ingest, batches, monitor)
             source = EventSource(lots.share(hub, HUBS), f"copy{r}", r)
             plain = [source.batch(size) for _ in range(n_batches)]
             copy = measured(
-                copy_conn, lambda events: copy_events(copy_conn, operator_id, events), plain
+                copy_conn,
+                lambda events: copy_events(copy_conn, operator_id, events),
+                plain,
+                monitor,
             )
             if r == 0:
                 continue
@@ -145,6 +167,8 @@ def run(database_url: str) -> dict[str, Any]:
         "ingest_server_cpu_us_per_event": round(
             pushed.server_s / max(1, pushed.batches * size) * 1e6, 2
         ),
+        "ingest_wal_bytes_per_event": round(pushed.wal_bytes / max(1, pushed.batches * size)),
+        "copy_wal_bytes_per_event": round(copied.wal_bytes / max(1, copied.batches * size)),
         # the median of the rounds' ratios: each round's intake against its own COPY
         "server_cpu_ratio_copy_to_ingest": round(statistics.median(ratios), 3),
         "ratio_per_round": [round(x, 3) for x in ratios],
