@@ -9,8 +9,9 @@ BENCH_BATCHES (200) batches each, after a round of each to warm up. It reads the
 process' CPU time from /proc, so the server must run on this machine (the embedded one, or
 BENCH_DATABASE_URL on 127.0.0.1), and prints per batch the server's and the client's CPU and the
 wall time, the write-ahead log written per event, and the ratio of COPY's server CPU per event to
-the intake's: its rounds agree within a few per cent, where bench-ingest's spread by ten or more,
-so a change to the SQL shows in it.
+the intake's: on a quiet machine its rounds agree within a few per cent, where bench-ingest's
+spread by ten or more, so a change to the SQL shows in it (on a busy one both spread further:
+compare several runs).
 
 Environment: BENCH_ROUNDS, BENCH_BATCHES, BENCH_BATCH, BENCH_LOTS (100 space lots of 200
 spaces, plus a quarter as many gate lots), BENCH_DATABASE_URL.
