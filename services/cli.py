@@ -112,7 +112,14 @@ def list_operators() -> None:
 
 @main.command()
 @click.option("--seed/--no-seed", default=True, help="seed the demo lots on first start")
-def up(seed: bool) -> None:
+@click.option(
+    "--feed/--no-feed",
+    default=True,
+    envvar="PARKING_DEMO_FEED",
+    show_default=True,
+    help="play the demo lots' sensors and gates (PARKING_DEMO_FEED=0: no)",
+)
+def up(seed: bool, feed: bool) -> None:
     """Run the whole local stack in the foreground; Ctrl-C stops it."""
     from services.common import devstack
     from services.common.migrate import migrate as apply
@@ -121,6 +128,7 @@ def up(seed: bool) -> None:
     from services.ingestion.registry import sync_lots_to_redis
 
     started = time.monotonic()
+    stop = threading.Event()  # ends the demo feed
     base = devstack.data_dir()
     env = dict(os.environ)
     env.update(devstack.ensure_secrets(base))
@@ -157,7 +165,9 @@ def up(seed: bool) -> None:
         else:
             demo = None
         url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
-        threading.Thread(target=_announce, args=(url, env, demo, started), daemon=True).start()
+        threading.Thread(
+            target=_announce, args=(url, env, demo, started, stop, feed), daemon=True
+        ).start()
         # honcho runs in a fresh, small interpreter: it forks a relay per process, and forks of
         # this process (which holds the embedded servers and their libraries) would cost more.
         supervisor = subprocess.Popen(
@@ -179,12 +189,21 @@ def up(seed: bool) -> None:
         signal.signal(signal.SIGTERM, lambda *_: supervisor.send_signal(signal.SIGTERM))
         code = supervisor.wait()
     finally:
+        stop.set()
         servers.stop()
     sys.exit(code)
 
 
-def _announce(url: str, env: dict[str, str], demo: dict[str, Any] | None, started: float) -> None:
-    """Print the gateway URL and the keys once every service answers ready."""
+def _announce(
+    url: str,
+    env: dict[str, str],
+    demo: dict[str, Any] | None,
+    started: float,
+    stop: threading.Event,
+    feed: bool,
+) -> None:
+    """Print the gateway URL and the keys once every service answers ready; then, with ``feed``,
+    play the devices of the demo's lots until ``stop``."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -207,7 +226,14 @@ def _announce(url: str, env: dict[str, str], demo: dict[str, Any] | None, starte
         for op in demo["operators"]:
             lines.append(f"  operator:   {op['name']}: {op['api_key']}")
         lines.append(f"  city key:   {demo['city']['api_key']}")
+    feed_keys = [op["api_key"] for op in demo["operators"]] if demo and feed else []
+    if feed_keys:
+        lines.append("  demo feed:  the demo lots' sensors and gates send events every 5 s")
     click.echo("\n".join(lines) + "\n")
+    if feed_keys:
+        from services.common.demofeed import DemoFeed
+
+        DemoFeed(url, feed_keys).run(stop)
 
 
 def _services_ready(env: dict[str, str]) -> bool:

@@ -15,7 +15,7 @@ import re
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +144,28 @@ def _lot_count(url: str, key: str) -> int:
         client.session.close()
 
 
+def _demo_lots_live(url: str, keys: Iterable[str]) -> bool:
+    """Whether every lot of the operators with ``keys`` has a live state with some car in it
+    somewhere: the feed's first report fills lots to a fifth of their capacity and more."""
+    anonymous = Client(url)
+    try:
+        occupied = 0
+        for key in keys:
+            owner = Client(url, key)
+            try:
+                items = owner.get("/v1/lots?mine=1&limit=500").json()["items"]
+            finally:
+                owner.session.close()
+            for item in items:
+                detail = anonymous.get(f"/v1/lots/{item['id']}").json()
+                if detail["updated_at"] is None:
+                    return False
+                occupied += sum(detail["occupied"].values())
+        return occupied > 0
+    finally:
+        anonymous.session.close()
+
+
 def test_make_up_runs_the_stack_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     admin_key = "admin-" + uuid.uuid4().hex
@@ -181,6 +203,14 @@ def test_make_up_runs_the_stack_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Pat
             operator.session.close()
         demo_lots = sum(_lot_count(url, key) for key in demo.values())
         assert 40 <= demo_lots <= 60, demo_lots
+        # the demo feed reports every demo lot's state, so none reads `unknown` (no data)
+        assert "demo feed:" in first.output
+        wait_for(
+            lambda: _demo_lots_live(url, demo.values()),
+            timeout=30,
+            interval=0.5,
+            what="every demo lot live",
+        )
         city = Client(url, keys["city"])
         try:
             assert city.get("/v1/city/snapshot").status_code == 200
