@@ -3,7 +3,8 @@
 Runs `parking up` (embedded PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are set) in a
 fresh data directory twice (the first start initialises the data, the second reuses it), waits
 for the ready line, lets the stack idle, sums the resident and proportional set sizes of every
-process it started, then stops it with SIGINT, like Ctrl-C.
+process it started, then stops it with SIGINT, like Ctrl-C. Idle means without the demo feed
+(PARKING_DEMO_FEED=0): a third start measures the stack with it, under its events.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def memory_kib(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
-def run_once(data_dir: Path, idle_s: float) -> dict[str, object]:
+def run_once(data_dir: Path, idle_s: float, *, feed: bool = False) -> dict[str, object]:
     env = dict(os.environ)
     env.update(
         PARKING_DATA_DIR=str(data_dir),
+        PARKING_DEMO_FEED="1" if feed else "0",
         GATEWAY_PORT=str(free_port()),
         INGESTION_PORT=str(free_port()),
         AVAILABILITY_PORT=str(free_port()),
@@ -103,7 +105,7 @@ def run_once(data_dir: Path, idle_s: float) -> dict[str, object]:
                 raise RuntimeError("parking up did not become ready:\n" + log.read_text()[-3000:])
             time.sleep(0.1)
         ready_s = time.monotonic() - started
-        time.sleep(idle_s)  # idle on purpose: the measurement is of the stack at rest
+        time.sleep(idle_s)  # on purpose: the measurement is of the stack at rest (or fed)
         pids = tree(proc.pid) + embedded_servers(data_dir)
         rss, pss = memory_kib(pids)
         return {
@@ -127,9 +129,14 @@ def main() -> None:
         data = Path(tmp) / "data"
         first = run_once(data, idle_s)
         second = run_once(data, idle_s)
+        fed = run_once(data, idle_s, feed=True)
     report(
         "make up footprint",
-        {"first start (initialises data)": first, "second start (reuses data)": second},
+        {
+            "first start (initialises data)": first,
+            "second start (reuses data)": second,
+            "third start, with the demo feed": fed,
+        },
     )
 
 
