@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import urllib3
@@ -116,7 +117,7 @@ class DemoFeed:
             ids.extend(item["id"] for item in page["items"])
             if not page["next_cursor"]:
                 return ids
-            cursor = f"&cursor={page['next_cursor']}"
+            cursor = f"&cursor={quote(page['next_cursor'], safe='')}"
 
     def _model(self, key: str, lot_id: str) -> DemoLot:
         """The lot as its owner sees it; a lot that never had a state gets one at random."""
