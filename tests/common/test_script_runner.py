@@ -166,6 +166,11 @@ def logged(conn, data):
 
 
 redis._send = logged
+
+# A command Redis spends a few milliseconds on, so that a caller's reply is not there yet when
+# it reads, but when the process was preempted that long between its write and its read (a
+# PING's can be after any preemption, and then it goes on before the callers woken with it)
+SLOW = ("EVAL", "local i = 0 while i < 300000 do i = i + 1 end return i", 0)
 """
 
 
@@ -192,7 +197,7 @@ callers = []
 
 
 def call(name, then=None):
-    pipeline(("PING",))
+    pipeline(SLOW)
     log.append(name)
     if then is not None:
         callers.append(gevent.spawn(call, then))
@@ -210,10 +215,13 @@ def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str)
     """Under gevent woken greenlets run in the order they were woken: the caller chosen to
     send the next batch is woken first, so Redis works on it while the finished batch's
     callers do their work (woken last, it waited for all of it)."""
-    out = run_gevent(GEVENT_ORDER, redis_url)
+    out = run_gevent(GEVENT_ORDER, redis_url).split(",")
     # the second sends for the second and third; the fourth, queued meanwhile, is chosen
-    # next and sends before the third (answered in the second's batch) resumes
-    assert out == "send,first,send,second,send,third,fourth", out
+    # next and sends before the third (answered in the second's batch) resumes; the fourth
+    # may then be answered before the third runs (the process preempted between the fourth's
+    # write and its read: the reply is there when it reads, and it goes on without yielding)
+    assert out[:5] == ["send", "first", "send", "second", "send"], out
+    assert sorted(out[5:]) == ["fourth", "third"], out
 
 
 # Three callers ready in the same turn of the event loop: with ``gather`` the
@@ -222,7 +230,7 @@ GEVENT_GATHER = """
 pipeline = AutoPipeline(connect(sys.argv[1], 5.0), gather=sys.argv[2] == "gather")
 
 def call(name):
-    pipeline(("PING",))
+    pipeline(SLOW)
     log.append(name)
 
 
