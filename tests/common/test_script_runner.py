@@ -152,6 +152,7 @@ GEVENT_LOGGED = """
 from gevent import monkey
 monkey.patch_all()
 import sys
+import uuid
 import gevent
 from services.common import redis
 from services.common.redis import AutoPipeline, connect
@@ -167,10 +168,25 @@ def logged(conn, data):
 
 redis._send = logged
 
-# A command Redis spends a few milliseconds on, so that a caller's reply is not there yet when
-# it reads, but when the process was preempted that long between its write and its read (a
-# PING's can be after any preemption, and then it goes on before the callers woken with it)
-SLOW = ("EVAL", "local i = 0 while i < 300000 do i = i + 1 end return i", 0)
+
+# A command Redis answers only once the gate opens (BLPOP of a key of its own, pushed to from
+# another connection when a condition holds): a caller's reply cannot be there when it reads
+# before the callers the test wants behind it have queued, however long the process is
+# preempted between its write and its read.
+class Gate:
+    def __init__(self, url):
+        self.key = "test:gate:" + uuid.uuid4().hex
+        self.other = connect(url, 5.0)
+
+    def command(self):
+        return ("BLPOP", self.key, 4)
+
+    def open_when(self, condition):
+        for _ in range(4000):  # about 4 s at most
+            if condition():
+                break
+            gevent.sleep(0.001)
+        self.other.lpush(self.key, 1)
 """
 
 
@@ -188,23 +204,31 @@ def run_gevent(script: str, *args: str) -> str:
     ).stdout.strip()
 
 
-# Three callers in turn: the first sends alone; the second and
-# third queue behind it and go together; a fourth arrives while they are in flight.
+# Three callers in turn: the first sends alone; the second and third queue behind it and go
+# together; a fourth arrives while they are in flight. Each batch is answered only once the
+# next callers have queued.
 GEVENT_ORDER = """
 pipeline = AutoPipeline(connect(sys.argv[1], 5.0))
-
+gates = {"first": Gate(sys.argv[1]), "second": Gate(sys.argv[1])}
 callers = []
 
 
 def call(name, then=None):
-    pipeline(SLOW)
+    pipeline(gates[name].command() if name in gates else ("PING",))
     log.append(name)
     if then is not None:
         callers.append(gevent.spawn(call, then))
 
 
-callers += [gevent.spawn(call, "first", "fourth"), gevent.spawn(call, "second"),
-            gevent.spawn(call, "third")]
+callers += [
+    gevent.spawn(call, "first", "fourth"),
+    gevent.spawn(call, "second"),
+    gevent.spawn(call, "third"),
+    # the second and third queued behind the first's write
+    gevent.spawn(gates["first"].open_when, lambda: len(pipeline._queue) == 2),
+    # the fourth (spawned by the first) queued behind the second's
+    gevent.spawn(gates["second"].open_when, lambda: "first" in log and len(pipeline._queue) == 1),
+]
 gevent.joinall(list(callers), timeout=20)
 gevent.joinall(callers, timeout=20)  # and the fourth, which the first spawned
 print(",".join(log))
@@ -219,22 +243,30 @@ def test_the_next_batch_goes_before_the_last_ones_callers_resume(redis_url: str)
     # the second sends for the second and third; the fourth, queued meanwhile, is chosen
     # next and sends before the third (answered in the second's batch) resumes; the fourth
     # may then be answered before the third runs (the process preempted between the fourth's
-    # write and its read: the reply is there when it reads, and it goes on without yielding)
+    # write and its read: its reply is there when it reads, and it goes on without yielding)
     assert out[:5] == ["send", "first", "send", "second", "send"], out
     assert sorted(out[5:]) == ["fourth", "third"], out
 
 
-# Three callers ready in the same turn of the event loop: with ``gather`` the
-# first yields before it sends, and one write carries all three.
+# Three callers ready in the same turn of the event loop: with ``gather`` the first yields
+# before it sends, and one write carries all three; without, the first's write is answered
+# once the other two have queued behind it.
 GEVENT_GATHER = """
-pipeline = AutoPipeline(connect(sys.argv[1], 5.0), gather=sys.argv[2] == "gather")
+gather = sys.argv[2] == "gather"
+pipeline = AutoPipeline(connect(sys.argv[1], 5.0), gather=gather)
+gate = Gate(sys.argv[1])
 
-def call(name):
-    pipeline(SLOW)
+
+def call(name, command=("PING",)):
+    pipeline(command)
     log.append(name)
 
 
-gevent.joinall([gevent.spawn(call, n) for n in ("first", "second", "third")], timeout=20)
+callers = [gevent.spawn(call, "first", ("PING",) if gather else gate.command()),
+           gevent.spawn(call, "second"), gevent.spawn(call, "third")]
+if not gather:
+    callers.append(gevent.spawn(gate.open_when, lambda: len(pipeline._queue) == 2))
+gevent.joinall(callers, timeout=20)
 print(",".join(log))
 """
 
