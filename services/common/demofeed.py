@@ -151,11 +151,10 @@ class DemoFeed:
     def _move(self, lot: DemoLot, now: str) -> list[dict[str, Any]]:
         take = self.rng.random() < lot.target
         if lot.spaces:
-            space_id = self.rng.choice(
-                [s for s, occupied in lot.spaces.items() if occupied != take] or [""]
-            )
-            if not space_id:
+            candidates = [s for s, occupied in lot.spaces.items() if occupied != take]
+            if not candidates:
                 return []
+            space_id = self.rng.choice(candidates)
             lot.spaces[space_id] = take
             return [self._event(lot.id, now, type="space", space_id=space_id, occupied=take)]
         types = list(lot.capacity)
